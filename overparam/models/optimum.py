@@ -95,7 +95,7 @@ def _newton_lp(x: Tensor, y: Tensor, w: Tensor, p: float, max_iterations: int) -
         ridge = 1e-14 * torch.trace(hessian) / hessian.shape[0]
         direction = torch.linalg.solve(hessian + ridge * torch.eye(hessian.shape[0], dtype=x.dtype), gradient)
         decrement = gradient @ direction
-        if decrement <= 1e-18 * max(value.item(), 1e-300) or not torch.isfinite(decrement):
+        if decrement <= 1e-15 * max(value.item(), 1e-300) or not torch.isfinite(decrement):
             return w, iteration
 
         step = 1.0
