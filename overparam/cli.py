@@ -1,5 +1,6 @@
 """Command-line entry point: ``overparam fit | validate | test`` through LightningCLI."""
 
+import importlib
 import logging
 import sys
 import warnings
@@ -50,8 +51,19 @@ def divergence_of(cli: LightningCLI) -> DivergenceCallback | None:
     return None
 
 
+# Subcommands beyond LightningCLI's fit, validate and test, as "module:function" taking the remaining arguments.
+EXTRA_SUBCOMMANDS = {
+    "tune": "overparam.tuning.command:main",
+    "reproduce": "overparam.reproduce.command:main",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Run ``overparam`` with ``args`` (default: ``sys.argv[1:]``)."""
+    command_line = sys.argv[1:] if args is None else list(args)
+    if command_line and command_line[0] in EXTRA_SUBCOMMANDS:
+        module_name, function_name = EXTRA_SUBCOMMANDS[command_line[0]].split(":")
+        return getattr(importlib.import_module(module_name), function_name)(command_line[1:])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Full-batch runs without a validation split return no validation batches on purpose.

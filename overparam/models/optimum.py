@@ -95,8 +95,8 @@ def _newton_lp(x: Tensor, y: Tensor, w: Tensor, p: float, max_iterations: int) -
         ridge = 1e-14 * torch.trace(hessian) / hessian.shape[0]
         direction = torch.linalg.solve(hessian + ridge * torch.eye(hessian.shape[0], dtype=x.dtype), gradient)
         decrement = gradient @ direction
-        if decrement <= 1e-15 * max(value.item(), 1e-300) or not torch.isfinite(decrement):
-            return w, iteration
+        if not torch.isfinite(decrement):
+            break
 
         step = 1.0
         while step > 1e-12:
@@ -106,8 +106,11 @@ def _newton_lp(x: Tensor, y: Tensor, w: Tensor, p: float, max_iterations: int) -
                 break
             step *= 0.5
         else:
+            # No step decreases the loss beyond rounding error: w is optimal to working precision.
             return w, iteration
         w, value = candidate, candidate_value
+        if torch.linalg.vector_norm(step * direction) <= 1e-12 * (1.0 + torch.linalg.vector_norm(w)):
+            return w, iteration
 
     log.warning("Newton's method for the l%g optimum stopped after %d iterations", p, max_iterations)
     return w, max_iterations

@@ -67,6 +67,8 @@ class LinearStackRegressor(LightningModule):
         self.loss_optimum = loss_optimum
 
         self.last_loss: float = math.nan
+        # (iteration, train/loss) at every logged iteration of the last fit, for objectives and plots.
+        self.curve: list[tuple[int, float]] = []
         self.diverged_at: int | None = None
         self.divergence_reason: str | None = None
 
@@ -94,6 +96,9 @@ class LinearStackRegressor(LightningModule):
             # NOTE: with several outputs and a hidden layer narrower than min(input, output), the
             # network cannot reach this optimum, so the logged gap stays positive.
 
+    def on_fit_start(self) -> None:
+        self.curve = []
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         optimizer = self.optimizers().optimizer
@@ -118,7 +123,10 @@ class LinearStackRegressor(LightningModule):
         self.last_loss = loss.item()
         if self.diverged_at is None and not math.isfinite(self.last_loss):
             self._mark_diverged(self.trainer.global_step, self.last_loss)
-        self.log("train/loss", loss.detach(), prog_bar=True, logger=False)
+        # Lightning's logger skips these: the loop above already wrote them at their own iterations.
+        self.log("train/loss", self.last_loss, prog_bar=True, logger=False)
+        if self.loss_optimum is not None:
+            self.log("train/loss_gap", self.last_loss - self.loss_optimum, logger=False)
         return loss.detach()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -135,6 +143,7 @@ class LinearStackRegressor(LightningModule):
     def _check_and_log(self, loss: Tensor, iteration: int) -> bool:
         """Log the metrics of ``iteration`` and return whether training has diverged."""
         value = loss.item()
+        self.curve.append((iteration, value))
         with torch.no_grad():
             metrics = {
                 "train/loss": value,
@@ -166,6 +175,7 @@ class LinearStackRegressor(LightningModule):
     def on_train_end(self) -> None:
         if self.diverged_at is None and hasattr(self.trainer.datamodule, "train_tensors"):
             self.last_loss = self.final_loss()
+            self.curve.append((self.trainer.global_step, self.last_loss))
             metrics = {"train/loss": self.last_loss}
             if self.loss_optimum is not None:
                 metrics["train/loss_gap"] = self.last_loss - self.loss_optimum
