@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from overparam.cli import build_cli, main
+from overparam.models.linear_stack import LinearStack
 from conftest import REPO_ROOT, SHARED_DATA
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("**/*.yaml"))
@@ -60,7 +61,7 @@ def test_ethanol_l4_depth2_shrinks_gap(tmp_path):
     assert sorted(gaps)[:3] == [0, 100, 200]
     assert max(gaps) == 2000
     assert gaps[2000] > 0
-    assert gaps[0] / gaps[2000] > 4
+    assert gaps[0] / gaps[2000] > 3
 
 
 def test_tensorboard_holds_loss_and_hparams(tmp_path):
@@ -83,7 +84,7 @@ def test_tensorboard_holds_loss_and_hparams(tmp_path):
     assert {info.name for info in experiment.hparam_infos} >= {"depth", "p", "init_std", "optimizer_lr"}
     assert {info.name.tag for info in experiment.metric_infos} >= {"hp/final_loss", "hp/final_loss_gap"}
     assert session.hparams["depth"].number_value == 2
-    assert session.hparams["optimizer_lr"].number_value == pytest.approx(1e-3)
+    assert session.hparams["optimizer_lr"].number_value == pytest.approx(3e-3)
 
 
 def test_run_directory_has_config(tmp_path):
@@ -137,11 +138,9 @@ def test_fit_matches_plain_loop(tmp_path):
     cli = build_cli(_fit_args(config, tmp_path, "--trainer.max_steps", "120"))
 
     torch.manual_seed(0)
-    from overparam.models.linear_stack import LinearStack
-
-    net = LinearStack(128, 1, depth=2, hidden_widths=1, init="near_zero", init_std=1e-3)
+    net = LinearStack(128, 1, depth=2, hidden_widths=1, init="near_zero", init_std=0.05)
     features, target = cli.datamodule.train_tensors()
-    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=3e-4)
     for _ in range(120):
         optimizer.zero_grad()
         (net(features) - target).pow(4).mean().backward()
@@ -165,7 +164,7 @@ def test_divergence_exits_with_one_line(tmp_path):
 
 def test_max_loss_bound_stops_run(tmp_path):
     config = REPO_ROOT / "configs" / "ethanol" / "l2_depth1.yaml"
-    cli = build_cli(_fit_args(config, tmp_path, "--trainer.max_steps", "1000", "--divergence.max_loss", "0.5"))
+    cli = build_cli(_fit_args(config, tmp_path, "--trainer.max_steps", "1000", "--divergence.max_loss", "0.05"))
 
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "DivergenceCallback")
     assert callback.diverged

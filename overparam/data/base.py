@@ -160,7 +160,7 @@ class FullBatchRegressionDataModule(LightningDataModule):
         return FullBatchLoader((self.x_val, self.y_val), 1)
 
     def test_dataloader(self) -> FullBatchLoader | list:
-        # NOTE: the paper's setting has no test split; testing evaluates the validation rows, or the
+        # NOTE: full-batch training experiments have no test split, so testing evaluates the validation rows, or the
         # training rows when there is no validation split.
         self.setup("test")
         if self.x_val is None:

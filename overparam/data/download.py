@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class DownloadError(OSError):
 class ChecksumMismatchError(ValueError):
     """A file's sha256 differs from the expected one.
 
-    ``subject`` names the file or download, and ``fix`` says what to do next.
+    ``subject`` names the file or download, and ``fix`` states what to do next.
     """
 
     def __init__(self, subject: str, expected: str, actual: str, fix: str) -> None:
@@ -82,12 +83,8 @@ def download_file(
     destination.parent.mkdir(parents=True, exist_ok=True)
     log.info("Downloading %s to %s", url, destination)
 
-    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    temp_path = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as temp_file:
-            actual, size = _stream_to_file(url, temp_file, opener, timeout)
-
+    def fetch_and_verify(temp_file: BinaryIO) -> None:
+        actual, size = _stream_to_file(url, temp_file, opener, timeout)
         if sha256 is None:
             log.warning("Downloaded %s without a checksum to verify; its sha256 is %s", url, actual)
         elif actual != sha256.lower():
@@ -98,17 +95,13 @@ def download_file(
                 "Nothing was saved. Retry the download; if the mismatch persists, the file on the server "
                 "has changed, so check it and pass its new sha256.",
             )
+        log.info("Downloaded %d bytes from %s (sha256 %s)", size, url, actual)
 
-        os.replace(temp_path, destination)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-
-    log.info("Downloaded %d bytes to %s (sha256 %s)", size, destination, actual)
+    write_atomically(destination, fetch_and_verify)
     return destination
 
 
-def _stream_to_file(url: str, file, opener: Callable, timeout: float) -> tuple[str, int]:
+def _stream_to_file(url: str, file: BinaryIO, opener: Callable, timeout: float) -> tuple[str, int]:
     """Copy the response body into ``file`` and return its sha256 and size."""
     digest = hashlib.sha256()
     size = 0
@@ -145,3 +138,19 @@ def _stream_to_file(url: str, file, opener: Callable, timeout: float) -> tuple[s
             "closed. Retry the download."
         )
     return digest.hexdigest(), size
+
+
+def write_atomically(destination: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temporary file next to ``destination``, then rename it to ``destination``.
+
+    The rename is atomic on one file system, so readers see the old file or the complete new one.
+    The temporary file is removed if ``write`` raises.
+    """
+    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as temp_file:
+            write(temp_file)
+        os.replace(temp_name, destination)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

@@ -21,7 +21,7 @@ class LinearStack(nn.Module):
         output_size: Number of outputs ``d_N``.
         depth: Number of layers ``N``; depth 1 is plain linear regression.
         hidden_widths: Width of every hidden layer (an int) or of each one (a list of ``depth - 1`` ints).
-        bias: Give every layer a bias; the paper's networks have none.
+        bias: Give every layer a bias; the networks of Arora, Cohen & Hazan (2018) have none.
         init: ``near_zero``, ``identity``, ``balanced``, ``orthogonal`` or ``default`` (PyTorch's ``nn.Linear``).
         init_std: Standard deviation of the Gaussian entries of each layer (``near_zero``) or of the
             end-to-end matrix (``balanced``).
@@ -149,7 +149,7 @@ def balanced_factors(end_to_end: Tensor, widths: Sequence[int]) -> list[Tensor]:
 
     With ``W_e = U S V^T`` truncated to rank ``r = min(widths)``, the factors are ``W_1 = S^(1/N) V^T``,
     ``W_j = S^(1/N)`` for hidden layers and ``W_N = U S^(1/N)``, each zero-padded to its shape, so
-    ``W_{j+1}^T W_{j+1} = W_j W_j^T`` holds exactly. The product equals ``end_to_end`` whenever every
+    ``W_{j+1}^T W_{j+1} = W_j W_j^T`` is exact. The product equals ``end_to_end`` whenever every
     width is at least its rank.
     """
     depth = len(widths) - 1

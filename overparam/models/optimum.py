@@ -1,7 +1,7 @@
 """The optimum of the convex bias-free l_p regression problem that every linear network shares.
 
 A linear network of any depth computes a linear map, so its training loss is bounded below by
-``L* = min_W mean(|X W^T - Y|^p)``. The paper's curves plot the loss minus ``L*``.
+``L* = min_W mean(|X W^T - Y|^p)``. Arora, Cohen & Hazan (ICML 2018) plot the training loss minus ``L*`` on a log axis.
 """
 
 import hashlib

@@ -30,7 +30,7 @@ class LinearStackRegressor(LightningModule):
         output_size: Number of regression targets.
         depth: Number of layers ``N``.
         hidden_widths: Width of every hidden layer (an int) or of each one (a list).
-        bias: Give every layer a bias; the paper's networks have none.
+        bias: Give every layer a bias; the networks of Arora, Cohen & Hazan (2018) have none.
         init: ``near_zero``, ``identity``, ``balanced``, ``orthogonal`` or ``default``.
         init_std: Gaussian standard deviation of each layer (``near_zero``) or of the end-to-end matrix (``balanced``).
         p: Exponent of the l_p loss (2 is the mean squared error, the paper also uses 4).
@@ -84,12 +84,6 @@ class LinearStackRegressor(LightningModule):
             return
 
         features, target = datamodule.train_tensors()
-        weight_dtype = self.net.weights[0].dtype
-        if features.dtype != weight_dtype:
-            raise ValueError(
-                f"The data are {features.dtype} but the model is {weight_dtype}; set trainer.precision to "
-                f"'64-true' for float64 data or data.dtype to 'float32'."
-            )
         if self.loss_optimum is None and not self.hparams.bias:
             optimum = lp_optimum(features, target, self.hparams.p)
             self.loss_optimum = optimum.loss * self.loss_fn.scale
@@ -98,6 +92,17 @@ class LinearStackRegressor(LightningModule):
 
     def on_fit_start(self) -> None:
         self.curve = []
+
+        # The precision plugin has converted the weights by now, so this sees their final dtype.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_tensors"):
+            data_dtype = datamodule.train_tensors()[0].dtype
+            weight_dtype = self.net.weights[0].dtype
+            if data_dtype != weight_dtype:
+                raise ValueError(
+                    f"The data are {data_dtype} but the model is {weight_dtype}; set trainer.precision to "
+                    "'64-true' for float64 data, or data.dtype to 'float32'."
+                )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -45,6 +45,9 @@ class EndToEndSGD(Optimizer):
     NOTE: The rule describes gradient flow from a balanced start. It matches gradient descent on
     the layers only to first order in ``lr`` (exact as ``lr -> 0``), and only when the layers start
     balanced. An unbalanced start, such as independent near-zero Gaussian layers, drifts away from it.
+    A hidden width below ``min(outputs, inputs)`` caps the rank of the network's ``W_e``. Each step
+    of the rule can raise that rank at order ``lr^2``, and the rule then grows the new directions,
+    so it tracks such networks only for small ``lr`` and short times.
 
     Args:
         params: 2-D end-to-end matrices, or parameter groups of them. Every group may override
@@ -102,7 +105,7 @@ class EndToEndSGD(Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("EndToEndSGD does not support sparse gradients; use dense parameters.")
+                    raise RuntimeError("EndToEndSGD does not support sparse gradients. Use dense parameters.")
 
                 if depth == 1:
                     # The same operations as torch.optim.SGD, so depth 1 matches it bit for bit.
@@ -134,8 +137,8 @@ def end_to_end_direction(end_to_end: Tensor, grad: Tensor, depth: int, mode: str
     _validate_end_to_end(end_to_end, mode)
     if grad.shape != end_to_end.shape:
         raise ValueError(
-            f"grad has shape {tuple(grad.shape)} but the end-to-end matrix has shape {tuple(end_to_end.shape)}; "
-            "pass the gradient of the loss with respect to that matrix."
+            f"grad has shape {tuple(grad.shape)} but the end-to-end matrix has shape {tuple(end_to_end.shape)}. "
+            "Pass the gradient of the loss with respect to that matrix."
         )
     if depth == 1:
         return grad.clone()
@@ -159,8 +162,8 @@ def _vector_direction(weight: Tensor, grad: Tensor, depth: int) -> Tensor:
     squared_norm = weight.square().sum()
     scale = squared_norm ** (1.0 - 1.0 / depth)
 
-    # At w = 0 the scale is 0 and the projection is 0/0; a denominator of 1 keeps the update exactly
-    # zero without a data-dependent branch.
+    # At w = 0 the scale is 0 and the projection is 0/0. A denominator of 1 there keeps the update
+    # exactly zero without a data-dependent branch.
     denominator = torch.where(squared_norm > 0, squared_norm, torch.ones_like(squared_norm))
     projection = (grad * weight).sum() / denominator * weight
     return scale * (grad + (depth - 1) * projection)
@@ -237,8 +240,8 @@ def _validate_end_to_end(end_to_end: Tensor, mode: str) -> None:
         raise ValueError(f"the end-to-end matrix must have a real floating-point dtype, got {end_to_end.dtype}.")
     if mode == "row" and min(end_to_end.shape) != 1:
         raise ValueError(
-            f"mode 'row' needs a matrix with one row or one column, got shape {tuple(end_to_end.shape)}; "
-            "use mode 'matrix' or 'auto'."
+            f"mode 'row' needs a matrix with one row or one column, got shape {tuple(end_to_end.shape)}. "
+            "Use mode 'matrix' or 'auto'."
         )
 
 
@@ -251,7 +254,7 @@ def emulation_start(network: LinearStack) -> Tensor:
     """
     if network.has_bias:
         raise ValueError(
-            "the network has biases, which the end-to-end rule does not model; build it with bias=False."
+            "the network has biases, which the end-to-end rule does not model. Build it with bias=False."
         )
     return network.end_to_end().detach().clone()
 
@@ -268,14 +271,16 @@ def set_end_to_end(model: LinearStack, end_to_end: Tensor) -> None:
     """
     if model.depth != 1:
         raise ValueError(
-            f"set_end_to_end needs a depth-1 LinearStack, got depth {model.depth}; "
-            "build the model with depth=1 to hold an end-to-end matrix."
+            f"set_end_to_end needs a depth-1 LinearStack, got depth {model.depth}. "
+            "Build the model with depth=1 to hold an end-to-end matrix."
         )
     weight = model.layers[0].weight
+    if end_to_end.dim() != 2:
+        raise ValueError(f"end_to_end must be a 2-D matrix, got a tensor of shape {tuple(end_to_end.shape)}.")
     if end_to_end.shape != weight.shape:
         raise ValueError(
             f"end_to_end has shape {tuple(end_to_end.shape)} but the model's weight has shape "
-            f"{tuple(weight.shape)}; build the model with input_size={end_to_end.shape[-1]} "
+            f"{tuple(weight.shape)}. Build the model with input_size={end_to_end.shape[-1]} "
             f"and output_size={end_to_end.shape[0]}."
         )
     weight.copy_(end_to_end)

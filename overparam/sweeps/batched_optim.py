@@ -98,8 +98,8 @@ class BatchedOptimizer:
         """Update the active members from ``param.grad``.
 
         A member whose new parameters would contain a NaN or infinity keeps its current values and is
-        frozen, so frozen members always hold finite parameters. Parameters without a gradient are
-        skipped, as in ``torch.optim``.
+        frozen, so parameters that start finite stay finite. Parameters without a gradient are skipped,
+        as in ``torch.optim``.
         """
         self.step_count += 1
 
@@ -112,8 +112,9 @@ class BatchedOptimizer:
             new_param, new_state = self._update(param, param.grad, self.state[index], lr)
             updates.append((index, new_param, new_state))
 
-            # A sum over a member's entries is NaN or infinite when any entry is; summing first needs one
-            # reduction per parameter instead of an isfinite pass plus a reduction.
+            # A member's sum is NaN or infinite when any of its entries is, and one reduction per parameter
+            # is cheaper than an isfinite pass plus a reduction. A sum of finite entries near the dtype's
+            # maximum can overflow too, which also freezes that member.
             member_sum = new_param.reshape(self.num_members, -1).sum(dim=1)
             finite_sum = member_sum if finite_sum is None else finite_sum.add_(member_sum)
 
@@ -452,7 +453,7 @@ def _member_learning_rates(lr: Tensor | float | Sequence[float], num_members: in
         raise ValueError(
             f"lr has shape {tuple(rates.shape)}; give one learning rate per member, shape ({num_members},)."
         )
-    # One host sync at construction; the training loop never reads lr back.
+    # This check reads the rates back from the device once, at construction, and never in a step.
     if not bool(torch.isfinite(rates).all()) or bool((rates < 0).any()):
         raise ValueError(f"Invalid learning rates {rates.tolist()}; each must be finite and non-negative.")
     return rates.clone()

@@ -124,7 +124,7 @@ class BatchedLinearStack(nn.Module):
         config = self.member_configs[index] if self.member_configs else {}
         reference = self.weights[0]
 
-        # LinearStack draws an initialization that is overwritten below; fork_rng keeps that draw
+        # LinearStack draws an initialization that is overwritten below. fork_rng keeps that draw
         # from advancing the caller's random state.
         with torch.random.fork_rng(devices=[]):
             model = LinearStack(
@@ -147,7 +147,7 @@ class BatchedLinearStack(nn.Module):
         num_members, output_size, input_size = end_to_end.shape
 
         # One product with the data for all members: (n, d) @ (d, M * output_size). Column block m
-        # depends on member m's weights only, so a member's non-finite weights cannot reach the others.
+        # depends on member m's weights only, so a NaN in one member's weights stays in its own columns.
         stacked = end_to_end.reshape(num_members * output_size, input_size)
         return (x @ stacked.T).view(x.shape[0], num_members, output_size)
 
@@ -183,12 +183,9 @@ class BatchedLpLoss(nn.Module):
                 f"need ({prediction.shape[0]}, {prediction.shape[2]})."
             )
 
-        # The same branches as LpLoss, so each member's loss is computed with the same operations.
         residual = prediction - target.unsqueeze(1)
-        if self.p == 2.0:
-            value = residual.square().mean(dim=(0, 2))
-        elif self.p == 4.0:
-            value = residual.square().square().mean(dim=(0, 2))
+        if self.p in (2.0, 4.0):
+            value = _EvenPowerMean.apply(residual, int(self.p))
         else:
             value = residual.abs().pow(self.p).mean(dim=(0, 2))
         return value * self.scale if self.scale != 1.0 else value
@@ -197,11 +194,38 @@ class BatchedLpLoss(nn.Module):
         return f"p={self.p:g}, inverse_p_factor={self.inverse_p_factor}"
 
 
+class _EvenPowerMean(torch.autograd.Function):
+    """Mean of ``residual ** p`` over dims 0 and 2 for p = 2 or 4, with a hand-written backward.
+
+    The forward uses LpLoss's operations (``square`` twice for p = 4). The backward forms
+    ``p / count * residual ** (p - 1)`` in one or two passes where autograd's ``PowBackward`` chain
+    takes about five, which is most of a training step's elementwise work.
+    NOTE: this backward is not itself differentiable, so second derivatives of the loss are unsupported.
+    """
+
+    @staticmethod
+    def forward(ctx, residual: Tensor, p: int) -> Tensor:
+        square = residual.square()
+        power = square if p == 2 else square.square()
+        ctx.p = p
+        ctx.save_for_backward(residual, square if p == 4 else None)
+        return power.mean(dim=(0, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        residual, square = ctx.saved_tensors
+        count = residual.shape[0] * residual.shape[2]
+        scale = (grad * (ctx.p / count)).view(1, -1, 1)
+        if ctx.p == 2:
+            return residual * scale, None
+        return torch.mul(residual, square).mul_(scale), None
+
+
 @cache
 def _cheapest_chain_plan(dims: tuple[int, ...]) -> ChainPlan:
     """Return the multiplication order of the chain ``A_0 ... A_(k-1)`` (``A_i`` of shape ``dims[i] x dims[i+1]``) with the fewest multiply-adds.
 
-    This is the textbook dynamic program for the matrix-chain problem; chains here have a handful of factors.
+    This is the textbook dynamic program for the matrix-chain problem, cubic in the number of factors.
     """
     count = len(dims) - 1
     cost = [[0] * count for _ in range(count)]

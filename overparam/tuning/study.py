@@ -1,0 +1,191 @@
+"""Study creation, the total trial budget, and the worker loop that runs trials until it is spent.
+
+Budget: ``n_trials`` is a total over every worker and restart of a study. A trial counts toward it
+when it is COMPLETE, PRUNED (pruned by the pruner, or diverged) or FAIL, with two exceptions:
+
+- a FAIL trial that a retry replaced (its number is in another trial's ``retry_history``, written
+  by ``RetryHeartbeatStaleTrialCallback``) does not count, because its retry takes its place;
+- a surplus trial (user attribute ``surplus``) does not count. Two workers can both ask for the
+  last trial at the same moment; the one whose trial sorts later fails it at once as surplus.
+
+Trials in flight (RUNNING and WAITING) hold a place too: a worker whose remaining budget is all
+held by other workers' running trials waits, polling every heartbeat interval, instead of exiting,
+so it can retry one of them if its worker dies.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from overparam.tuning.search_space import SearchSpec
+
+log = logging.getLogger(__name__)
+
+SEARCH_ATTR = "overparam:search"
+SURPLUS_ATTR = "surplus"
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+IN_FLIGHT_STATES = (TrialState.RUNNING, TrialState.WAITING)
+
+
+class StudyMismatchError(ValueError):
+    """An existing study was created with other search settings than the ones given now."""
+
+
+class SurplusTrial(Exception):
+    """A trial beyond the budget, asked for by two workers at once; it fails without counting."""
+
+
+@dataclass(frozen=True)
+class BudgetUsage:
+    counted: int
+    running: int
+    waiting: int
+
+    @property
+    def in_flight(self) -> int:
+        return self.running + self.waiting
+
+
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Return the numbers of failed trials that a retry replaced."""
+    return {number for trial in trials for number in trial.system_attrs.get("retry_history", [])}
+
+
+def budget_slots(trials: list[FrozenTrial]) -> list[int]:
+    """Return the trials that hold a place in the budget, as their original trial numbers, sorted.
+
+    A retry's original number is that of the first trial it replaces, so a retry keeps the place of
+    the trial its worker lost.
+    """
+    retried = retried_numbers(trials)
+    slots = []
+    for trial in trials:
+        if trial.user_attrs.get(SURPLUS_ATTR):
+            continue
+        if trial.state == TrialState.FAIL and trial.number in retried:
+            continue
+        if trial.state in COUNTED_STATES or trial.state in IN_FLIGHT_STATES:
+            slots.append(trial.system_attrs.get("failed_trial", trial.number))
+    return sorted(slots)
+
+
+def budget_usage(trials: list[FrozenTrial]) -> BudgetUsage:
+    """Count finished trials that use the budget and trials still in flight."""
+    retried = retried_numbers(trials)
+    counted = running = waiting = 0
+    for trial in trials:
+        if trial.user_attrs.get(SURPLUS_ATTR):
+            continue
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            counted += 1
+        elif trial.state == TrialState.FAIL and trial.number not in retried:
+            counted += 1
+        elif trial.state == TrialState.RUNNING:
+            running += 1
+        elif trial.state == TrialState.WAITING:
+            waiting += 1
+    return BudgetUsage(counted, running, waiting)
+
+
+def check_budget_slot(trial: optuna.Trial, budget: int) -> None:
+    """Raise ``SurplusTrial`` (after marking the trial) if ``trial`` sorts past the budget."""
+    trials = trial.study.get_trials(deepcopy=False)
+    slots = budget_slots(trials)
+    original = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial", trial.number)
+    if original in slots and slots.index(original) < budget:
+        return
+    trial.set_user_attr(SURPLUS_ATTR, True)
+    raise SurplusTrial(f"trial {trial.number} exceeds the budget of {budget} trials (another worker took the last place)")
+
+
+def open_study(
+    storage: BaseStorage,
+    study_name: str,
+    spec: SearchSpec,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    metadata: dict[str, Any],
+) -> optuna.Study:
+    """Create the study or load it, and check that an existing study searches the same space.
+
+    ``metadata`` (config, overrides) is stored as study user attributes on creation, for the record.
+    """
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        sampler=sampler,
+        pruner=pruner,
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    fingerprint = spec.fingerprint()
+    stored = study.user_attrs.get(SEARCH_ATTR)
+    if stored is None:
+        study.set_user_attr(SEARCH_ATTR, fingerprint)
+        for key, value in metadata.items():
+            study.set_user_attr(f"overparam:{key}", value)
+    elif stored != fingerprint:
+        differences = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
+        raise StudyMismatchError(
+            f"Study {study_name!r} exists in this storage with other search settings ({', '.join(differences)} "
+            f"differ from {spec.path}); pass the search file it was created with, or a new --study-name."
+        )
+    return study
+
+
+def run_worker(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    budget: int,
+    poll_interval: float,
+    on_progress: Callable[[BudgetUsage], None] | None = None,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    max_consecutive_errors: int = 3,
+) -> BudgetUsage:
+    """Run trials of ``study`` one at a time until ``budget`` trials count (see the module docstring).
+
+    Each trial runs through ``study.optimize(n_trials=1)``, which fails stale trials first and keeps
+    the trial's heartbeat while it runs; Optuna's heartbeat does not work with ask and tell. A trial
+    that raises an error fails and the study goes on, but after ``max_consecutive_errors`` such
+    failures in a row this worker raises ``RuntimeError``, since later trials would most likely
+    fail the same way.
+    """
+    last_trials: list[FrozenTrial] = []
+    callbacks = [*(callbacks or []), lambda _study, trial: last_trials.append(trial)]
+    consecutive_errors = 0
+    grid_sampler = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
+    while True:
+        if is_heartbeat_enabled(study._storage):
+            fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        usage = budget_usage(trials)
+        if on_progress is not None:
+            on_progress(usage)
+        if usage.counted >= budget:
+            return usage
+        if grid_sampler is not None and usage.in_flight == 0 and grid_sampler.is_exhausted(study):
+            log.info("Every grid point has been evaluated; %d of %d budgeted trials count.", usage.counted, budget)
+            return usage
+        if usage.counted + usage.running >= budget and usage.waiting == 0:
+            # The rest of the budget runs in other workers; wait in case one of them dies.
+            time.sleep(poll_interval)
+            continue
+
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+        last = last_trials[-1] if last_trials else None
+        if last is not None and last.state == TrialState.FAIL and not last.user_attrs.get(SURPLUS_ATTR):
+            consecutive_errors += 1
+        else:
+            consecutive_errors = 0
+        if consecutive_errors >= max_consecutive_errors:
+            raise RuntimeError(
+                f"{consecutive_errors} trials in a row failed with errors, the last one with: "
+                f"{last.user_attrs.get('fail_reason', 'an unknown error')}. Fix the cause and run the same command to resume."
+            )
