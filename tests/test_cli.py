@@ -29,11 +29,11 @@ def _data_args(config: Path) -> list[str]:
     return ["--data.init_args.data_dir", str(folder)]
 
 
-def _fit_args(config: Path, save_dir: Path, *extra: str) -> list[str]:
+def _fit_args(config: Path, save_dir: Path, *extra: str, checkpoint: bool = False) -> list[str]:
     return [
         "fit", "--config", str(config), *_data_args(config),
         "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--trainer.enable_checkpointing", "false", *extra,
+        "--trainer.enable_checkpointing", str(checkpoint).lower(), *extra,
     ]
 
 
@@ -181,3 +181,15 @@ def test_float64_data_need_float64_model(tmp_path):
         _fit_args(config, tmp_path, "--trainer.max_steps", "5", "--data.init_args.dtype", "float64", "--trainer.precision", "64-true")
     )
     assert cli.model.net.end_to_end().dtype == torch.float64
+
+
+def test_test_subcommand_loads_checkpoint(tmp_path):
+    config = REPO_ROOT / "configs" / "ethanol" / "l2_depth2.yaml"
+    fitted = build_cli(_fit_args(config, tmp_path, "--trainer.max_steps", "200", checkpoint=True))
+    checkpoint = next(Path(fitted.trainer.log_dir).glob("checkpoints/*.ckpt"))
+
+    tested = build_cli(["test", "--config", str(config), *_data_args(config), "--ckpt_path", str(checkpoint),
+                        "--trainer.logger.init_args.save_dir", str(tmp_path / "test")])
+
+    expected = fitted.model.final_loss()
+    assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(expected, rel=1e-5)

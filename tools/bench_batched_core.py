@@ -10,6 +10,9 @@ loss and SGD. For each depth (hidden width 1) the script times:
   (the forward pass and the gradient of the end-to-end matrices), ``4 * n * d * M`` floating-point
   operations, compared with a bare ``torch.mm`` of shape ``(n, d) @ (d, M)``.
 
+Intra-op threads that lose their core to other processes stall every matrix product, so on a
+machine with busy cores ``--threads 1`` gives steadier numbers.
+
 Usage: python tools/bench_batched_core.py [--device cpu] [--threads N] [--seconds 0.5]
 """
 
@@ -98,12 +101,15 @@ def batched_rate(depth: int, members: int, features, target, seconds: float, rep
 
 
 def mm_flop_rate(members: int, features, seconds: float, repeats: int) -> float:
-    """Measure the floating-point operations per second of ``features @ W`` with ``W`` of shape ``(d, M)``."""
-    weights = torch.randn(FEATURES, members, device=features.device, dtype=features.dtype)
+    """Measure the floating-point operations per second of ``features @ W.T`` with ``W`` of shape ``(M, d)``.
+
+    The transposed operand matches the layout of the forward pass, which MKL runs faster at small M.
+    """
+    weights = torch.randn(members, FEATURES, device=features.device, dtype=features.dtype)
 
     def run(iterations: int) -> None:
         for _ in range(iterations):
-            torch.mm(features, weights)
+            torch.mm(features, weights.T)
 
     iterations = calibrate(run, features.device, seconds)
     return 2 * ROWS * FEATURES * members * iterations / time_best(run, iterations, features.device, repeats)

@@ -1,7 +1,7 @@
 """Lightning callbacks that connect a training run to its Optuna trial.
 
-Both callbacks end a run through ``trainer.should_stop`` rather than an exception inside ``fit``, so
-the module's ``on_train_end`` still writes the final loss and the TensorBoard hparams. The
+The pruning callback ends a run through ``trainer.should_stop`` rather than an exception inside
+``fit``, so ``on_train_end`` still runs and writes the final loss and the TensorBoard hparams. The
 objective function raises ``optuna.TrialPruned`` after ``fit`` returns.
 """
 
@@ -126,11 +126,13 @@ class StepPruningCallback(PyTorchLightningPruningCallback):
 class TrialOutcomeCallback(Callback):
     """Compute the trial's objective when training ends and write it to TensorBoard's hparams.
 
-    It runs at ``on_fit_end``, after the module's ``on_train_end`` has appended the final loss to
-    ``model.curve`` and while the logger is still open. It writes the hparams again with the
-    module's metrics plus ``hp/objective`` (only when the trial completes) and ``hp/pruned``, and
-    adds the trial number, the seed and any searched value that is not a module hyperparameter.
-    The outcome goes into ``trainer.callback_metrics`` under the ``tune/`` keys.
+    TensorBoard keeps only the first hparams summary of a run, so this callback writes its own
+    before the module's: Lightning calls callbacks' ``on_train_end`` before the module's. It adds
+    the final point that the module's ``on_train_end`` is about to append to ``model.curve`` (the
+    loss after the last update), and writes the module's metrics plus ``hp/objective`` (only when
+    the trial completes) and ``hp/pruned``. The hparams gain the trial number, the seed and any
+    searched value that is not a module hyperparameter. The outcome goes into
+    ``trainer.callback_metrics`` under the ``tune/`` keys.
     """
 
     def __init__(self, objective: ObjectiveSpec, searched: dict[str, Any], trial_number: int, seed: int) -> None:
@@ -139,37 +141,47 @@ class TrialOutcomeCallback(Callback):
         self.trial_number = trial_number
         self.seed = seed
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         divergence = next((c for c in trainer.callbacks if isinstance(c, DivergenceCallback) and c.diverged), None)
         pruning = next((c for c in trainer.callbacks if isinstance(c, StepPruningCallback)), None)
         pruned = pruning is not None and pruning.pruned_at is not None
 
         value = math.nan
-        if divergence is None and pl_module.curve:
+        final_loss = pl_module.last_loss
+        if divergence is None and pl_module.diverged_at is None:
+            # The same final point as LinearStackRegressor.on_train_end appends after this hook.
+            final_loss = pl_module.final_loss()
+            curve = [*pl_module.curve, (trainer.global_step, final_loss)]
             value = compute_objective(
                 self.objective.name,
-                pl_module.curve,
+                curve,
                 pl_module.loss_optimum,
                 max_steps=trainer.max_steps,
                 gap_threshold=self.objective.gap_threshold,
                 gap_floor=self.objective.gap_floor,
             )
+        if divergence is not None:
+            diverged_at, reason = divergence.diverged_at, divergence.reason
+        elif pl_module.diverged_at is not None:
+            diverged_at, reason = pl_module.diverged_at, pl_module.divergence_reason
+        else:
+            diverged_at, reason = -1, None
         trainer.callback_metrics[OBJECTIVE_KEY] = torch.tensor(value, dtype=torch.float64)
-        trainer.callback_metrics[DIVERGED_AT_KEY] = torch.tensor(-1 if divergence is None else divergence.diverged_at)
-        trainer.callback_metrics[DIVERGENCE_REASON_KEY] = None if divergence is None else divergence.reason
+        trainer.callback_metrics[DIVERGED_AT_KEY] = torch.tensor(diverged_at)
+        trainer.callback_metrics[DIVERGENCE_REASON_KEY] = reason
 
-        metrics = {"hp/final_loss": pl_module.last_loss}
+        metrics = {"hp/final_loss": final_loss}
         if pl_module.loss_optimum is not None:
-            metrics["hp/final_loss_gap"] = pl_module.last_loss - pl_module.loss_optimum
-        metrics["hp/diverged"] = float(divergence is not None)
+            metrics["hp/final_loss_gap"] = final_loss - pl_module.loss_optimum
+        metrics["hp/diverged"] = float(diverged_at >= 0)
         metrics["hp/pruned"] = float(pruned)
         if not pruned and math.isfinite(value):
             metrics["hp/objective"] = value
         for logger in trainer.loggers:
             params = dict(getattr(logger, "hparams", {}) or {})
+            params.update(pl_module._hparams_for_logging())
             params.update(self._extra_hparams(params))
             logger.log_hyperparams(params, metrics)
-            logger.save()
 
     def _extra_hparams(self, params: dict[str, Any]) -> dict[str, Any]:
         extra = {"trial": self.trial_number, "seed": self.seed}

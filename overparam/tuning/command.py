@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import overparam
 from overparam.cli import build_cli
 from overparam.tuning.report import best_trial, retrain, summary, write_trials_csv
 from overparam.tuning.search_space import SearchFileError, SearchSpec, load_search_file, make_pruner, make_sampler
@@ -224,9 +225,12 @@ def _run_workers(study, own_args, overrides, options, study_name, output_dir, st
         sys.executable, "-m", "overparam", "tune", *own_args,
         "--study-name", study_name, "--output", str(output_dir), "--storage", storage_url,
     ]
+    # Workers import overparam from the same place as this process, installed or not.
+    package_root = str(Path(overparam.__file__).resolve().parents[1])
+    python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     workers = []
     for index in range(options.n_workers):
-        env = dict(os.environ)
+        env = {**os.environ, "PYTHONPATH": python_path}
         if devices[index] is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices[index]
         worker_command = [*command, "--worker-index", str(index), "--", *overrides]
@@ -319,3 +323,9 @@ def _setup_logging(worker_index: int | None) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Full-batch runs without a validation split return no validation batches on purpose.
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+    # Trials pass their arguments to LightningCLI while sys.argv holds the tune command.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
+    # Raised inside Lightning 2.6 by a newer torch, once per trial.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")

@@ -131,13 +131,23 @@ def open_study(
         study.set_user_attr(SEARCH_ATTR, fingerprint)
         for key, value in metadata.items():
             study.set_user_attr(f"overparam:{key}", value)
-    elif stored != fingerprint:
+    else:
+        _warn_other_config(study, metadata)
+    if stored is not None and stored != fingerprint:
         differences = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
         raise StudyMismatchError(
             f"Study {study_name!r} exists in this storage with other search settings ({', '.join(differences)} "
             f"differ from {spec.path}); pass the search file it was created with, or a new --study-name."
         )
     return study
+
+
+def _warn_other_config(study: optuna.Study, metadata: dict[str, Any]) -> None:
+    # Paths and overrides may differ between machines of one study, so this only warns.
+    for key, value in metadata.items():
+        stored = study.user_attrs.get(f"overparam:{key}")
+        if stored is not None and stored != value:
+            log.warning("Study %s was created with %s %r; this run uses %r.", study.study_name, key, stored, value)
 
 
 def run_worker(

@@ -155,10 +155,7 @@ class TrialObjective:
             [callback for callback in (pruning, TrialOutcomeCallback(self.spec.objective, values, trial.number, seed)) if callback]
         )
 
-        with warnings.catch_warnings():
-            # Full-batch runs without a validation split return no validation batches on purpose.
-            warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
-            trainer.fit(cli.model, datamodule=cli.datamodule)
+        trainer.fit(cli.model, datamodule=cli.datamodule)
 
         metrics = trainer.callback_metrics
         if OBJECTIVE_KEY not in metrics:
