@@ -12,10 +12,19 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from overparam.cli import build_cli
 from overparam.tuning.command import main as tune_main
+from overparam.tuning.command import worker_devices
 from overparam.tuning.objectives import compute_objective
 from overparam.tuning.search_space import SearchFileError, load_search_file, make_pruner, make_sampler, parse_search
 from overparam.tuning.storage import open_storage
-from overparam.tuning.study import SURPLUS_ATTR, budget_slots, budget_usage, open_study, run_worker
+from overparam.tuning.study import (
+    SURPLUS_ATTR,
+    SurplusTrial,
+    budget_slots,
+    budget_usage,
+    check_budget_slot,
+    open_study,
+    run_worker,
+)
 from overparam.tuning.trial import TrialObjective
 from conftest import REPO_ROOT
 
@@ -160,6 +169,22 @@ def test_budget_skips_retried_and_surplus():
     assert budget_slots(trials) == [0, 1, 2, 5]
 
 
+def test_trial_past_budget_is_surplus(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}"), study_name="race")
+    # Three workers asked for a trial at once with one place left after a finished trial.
+    finished = study.ask()
+    study.tell(finished, 1.0)
+    first, second, third = study.ask(), study.ask(), study.ask()
+
+    check_budget_slot(first, budget=2)
+    for late in (second, third):
+        with pytest.raises(SurplusTrial, match="exceeds the budget of 2 trials"):
+            check_budget_slot(late, budget=2)
+        assert late.user_attrs[SURPLUS_ATTR] is True
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    assert budget_usage(study.get_trials()).counted == 1
+
+
 def test_objective_runs_under_fixed_trial(gas_dir, tmp_path):
     spec = load_search_file(_write_search(tmp_path, {"objective": "final_gap", "params": {LR: {"low": 1e-5, "high": 1e-2, "log": True}}}))
     objective = TrialObjective(spec, str(ETHANOL_CONFIG), _gas_overrides(gas_dir), tmp_path / "out", "fixed")
@@ -170,7 +195,8 @@ def test_objective_runs_under_fixed_trial(gas_dir, tmp_path):
     run_dir = Path(trial.user_attrs["run_dir"])
     assert run_dir == tmp_path / "out" / "tb" / "fixed" / "trial_00004"
     assert trial.user_attrs["seed"] == 0
-    assert math.isfinite(value) and value > 0
+    assert math.isfinite(value)
+    assert value > 0
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["optimizer"]["init_args"]["lr"] == 1e-3
     assert saved["seed_everything"] == 0
@@ -277,6 +303,14 @@ def test_resume_rejects_other_search(gas_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         tune_main(["--search", str(second), *common])
     assert "other search settings (params differ" in str(exit_info.value.code)
+
+
+def test_worker_devices_split_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
+
+    assert worker_devices(2) == ["0,1", "2,3"]
+    assert worker_devices(5) == ["0", "1", "2", "3", "4"]
+    assert worker_devices(6) == [None] * 6
 
 
 def test_wrong_parameter_path_fails_before_study(tmp_path):

@@ -43,6 +43,8 @@ QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "overparam.data", "ove
 # that log_finished_trial reports as a pruned trial.
 SILENT_LOGGERS = ("overparam.callbacks",)
 PARENT_POLL_INTERVAL_S = 2.0
+# Seconds between checks of a worker that waits for other workers' last trials.
+WORKER_POLL_INTERVAL_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
             "to every trial as LightningCLI overrides, e.g. -- --trainer.max_steps 2000."
         ),
     )
+
     parser.add_argument("--config", required=True, help="LightningCLI config file of every trial (as for 'overparam fit').")
     parser.add_argument("--search", required=True, help="Search file (YAML): parameters, sampler, pruner, objective, budget.")
+
     parser.add_argument(
         "--storage",
         help=(
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-workers", type=int, default=1, help="Worker processes on this host (default: 1).")
     parser.add_argument("--output", help="Output folder for study.db, trials.csv and TensorBoard runs (default: runs/tune/STUDY).")
     parser.add_argument("--retrain-best", action="store_true", help="Train the best trial's configuration again as run 'best'.")
+
     parser.add_argument(
         "--heartbeat-interval", type=int, default=60, help="Seconds between heartbeats of a running trial (default: 60)."
     )
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-retry", type=int, default=3, help="Times one trial is retried after its worker died (default: 3)."
     )
+
+    # Set by the parent process on each worker it starts with --n-workers.
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -92,6 +99,13 @@ def main(argv: list[str]) -> None:
     _setup_logging(options.worker_index)
     if options.n_workers < 1:
         parser.error(f"--n-workers must be at least 1, got {options.n_workers}.")
+    if options.heartbeat_interval < 1:
+        parser.error(f"--heartbeat-interval must be at least 1 second, got {options.heartbeat_interval}.")
+    if options.grace_period is not None and options.grace_period <= options.heartbeat_interval:
+        parser.error(
+            f"--grace-period ({options.grace_period} s) must exceed --heartbeat-interval ({options.heartbeat_interval} s), "
+            "or live trials are failed between two heartbeats."
+        )
     if not Path(options.config).is_file():
         parser.error(f"config file {options.config} not found.")
 
@@ -127,12 +141,16 @@ def main(argv: list[str]) -> None:
         log.info("Study %s in %s: budget %d trials, %d worker(s)", study_name, display_url(storage_url), budget, options.n_workers)
 
     failed = False
-    if is_worker:
-        failed = not _run_in_process(study, objective, budget, options, progress=False)
-    elif options.n_workers > 1:
-        failed = not _run_workers(study, own_args, overrides, options, study_name, output_dir, storage_url, budget)
-    else:
-        failed = not _run_in_process(study, objective, budget, options, progress=True)
+    try:
+        if is_worker:
+            failed = not _run_in_process(study, objective, budget, options, progress=False)
+        elif options.n_workers > 1:
+            failed = not _run_workers(study, own_args, overrides, options, study_name, output_dir, storage_url, budget)
+        else:
+            failed = not _run_in_process(study, objective, budget, options, progress=True)
+    except KeyboardInterrupt:
+        log.warning("Interrupted; the running trial is queued again. Run the same command to resume study %s.", study_name)
+        raise SystemExit(130) from None
     if is_worker:
         raise SystemExit(1 if failed else 0)
 
@@ -199,7 +217,7 @@ def check_trial_args(objective: TrialObjective) -> None:
 
 def _run_in_process(study: optuna.Study, objective: TrialObjective, budget: int, options, progress: bool) -> bool:
     """Run trials in this process until the budget is spent; return False if the worker stopped on errors."""
-    poll_interval = float(options.heartbeat_interval)
+    poll_interval = min(float(options.heartbeat_interval), WORKER_POLL_INTERVAL_S)
     bar = _ProgressBar(study.study_name, budget, enabled=progress)
     try:
         with logging_redirect_tqdm():
@@ -325,7 +343,7 @@ def _setup_logging(worker_index: int | None) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Full-batch runs without a validation split return no validation batches on purpose.
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
-    # Trials pass their arguments to LightningCLI while sys.argv holds the tune command.
+    # Trials pass their arguments to LightningCLI while sys.argv contains the tune command.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
     # Raised inside Lightning 2.6 by a newer torch, once per trial.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")

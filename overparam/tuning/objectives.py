@@ -2,8 +2,8 @@
 
 The curve is ``LinearStackRegressor.curve``: ``(iteration, train/loss)`` at every logged iteration
 (``trainer.log_every_n_steps``) plus the loss after the last update. The gap is the training loss
-minus ``loss_optimum``, the minimum over linear maps; when the optimum is unknown (networks with
-bias) the gap is the training loss itself.
+minus ``loss_optimum``, the minimum over linear maps. When the optimum is unknown (networks with
+bias), the gap is the training loss itself.
 
 - ``final_gap``: the gap after the last iteration.
 - ``iterations_to_gap``: the first logged iteration whose gap is at or below ``gap_threshold``. A run

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 STALE_REASON = "the worker stopped without reporting (no heartbeat within the grace period)"
 FIXED_COLUMNS = ["number", "state", "value", "duration_s", "seed"]
-TRAILING_COLUMNS = ["reason", "diverged_at", "retry_of", "retried_as", "run_dir", "datetime_start", "datetime_complete"]
+TRAILING_COLUMNS = ["reason", "diverged_at", "retry_of", "retried_as", "worker", "run_dir", "datetime_start", "datetime_complete"]
 
 
 def trial_reason(trial: FrozenTrial, retried_as: dict[int, int]) -> str:
@@ -35,7 +35,10 @@ def trial_reason(trial: FrozenTrial, retried_as: dict[int, int]) -> str:
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> Path:
-    """Write one row per trial: number, state, value, duration, seed, each parameter and the reason."""
+    """Write one row per trial: number, state, value, duration, seed, each parameter and the reason.
+
+    ``value`` is the objective value of COMPLETE trials and empty for the others.
+    """
     trials = study.get_trials(deepcopy=False)
     param_names = sorted({name for trial in trials for name in trial.params})
     retried_as = {}
@@ -53,7 +56,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
             row = [
                 trial.number,
                 trial.state.name,
-                "" if trial.value is None else repr(trial.value),
+                # Optuna gives a pruned trial its last reported gap as value, which is no objective value.
+                repr(trial.value) if trial.state == TrialState.COMPLETE else "",
                 "" if trial.duration is None else f"{trial.duration.total_seconds():.3f}",
                 trial.user_attrs.get("seed", ""),
             ]
@@ -63,6 +67,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
                 _cell(trial.user_attrs.get("diverged_at")),
                 history[-1] if history else "",
                 _cell(retried_as.get(trial.number)),
+                trial.user_attrs.get("worker", ""),
                 trial.user_attrs.get("run_dir", ""),
                 _cell(trial.datetime_start),
                 _cell(trial.datetime_complete),

@@ -74,7 +74,7 @@ class SearchFileError(ValueError):
 class ParamSpec:
     """One searched config value.
 
-    ``choices`` holds a grid or categorical values; ``low``/``high`` a float or int range.
+    ``choices`` contains grid or categorical values, and ``low``/``high`` bound a float or int range.
     """
 
     path: str

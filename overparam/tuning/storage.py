@@ -11,13 +11,14 @@
 - ``postgresql://user:password@host:port/db`` (or any other SQLAlchemy URL): several machines.
 
 RDB storages (SQLite, PostgreSQL) use Optuna's own heartbeat: each running trial records a
-timestamp every ``heartbeat_interval`` seconds, and before a worker asks for a new trial it fails
+timestamp every ``heartbeat_interval`` seconds. Before a worker starts a new trial, it fails the
 trials whose last heartbeat is older than ``grace_period``. Optuna 5.1's ``JournalStorage`` has no
 heartbeat, so ``JournalHeartbeatStorage`` adds one: the timestamp is a trial system attribute. In
 both cases ``RetryHeartbeatStaleTrialCallback`` re-queues a stale trial as a WAITING copy with the
 same parameters and the system attributes ``failed_trial`` and ``retry_history``.
 """
 
+import importlib.util
 import logging
 import time
 import warnings
@@ -104,7 +105,10 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
             twice the interval.
         max_retry: How many times one trial is re-queued after its worker died; None retries forever.
     """
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    with warnings.catch_warnings():
+        # The heartbeat API is marked experimental since Optuna 2.8.
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     if url.startswith(JOURNAL_PREFIX):
         path = journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +119,7 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
             f"Storage {url!r} is not a URL; use sqlite:///path/study.db, journal:///path/study.log "
             "or postgresql://user@host:port/database."
         )
+    url = with_postgres_driver(url)
     engine_kwargs = {}
     if url.startswith("sqlite:"):
         database = url.split(":///", 1)[-1]
@@ -122,7 +127,6 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
     with warnings.catch_warnings():
-        # The heartbeat arguments are marked experimental since Optuna 2.9.
         warnings.simplefilter("ignore", ExperimentalWarning)
         return RDBStorage(
             url,
@@ -131,6 +135,20 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
             grace_period=grace_period,
             heartbeat_stale_trial_callback=retry,
         )
+
+
+def with_postgres_driver(url: str) -> str:
+    """Return ``url`` with an explicit psycopg2 driver when it names none and only psycopg2 is installed.
+
+    SQLAlchemy 2.1 resolves a bare ``postgresql://`` to the psycopg (version 3) driver, while the
+    project's test dependencies install psycopg2-binary.
+    """
+    scheme, separator, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not separator:
+        return url
+    if importlib.util.find_spec("psycopg") is not None or importlib.util.find_spec("psycopg2") is None:
+        return url
+    return f"postgresql+psycopg2://{rest}"
 
 
 def journal_path(url: str) -> Path:
@@ -160,4 +178,4 @@ def dashboard_command(url: str) -> str:
     """
     if url.startswith(JOURNAL_PREFIX):
         return f"optuna-dashboard {journal_path(url)}"
-    return f"optuna-dashboard '{display_url(url)}'"
+    return f"optuna-dashboard '{display_url(with_postgres_driver(url))}'"

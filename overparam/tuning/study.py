@@ -8,18 +8,20 @@ when it is COMPLETE, PRUNED (pruned by the pruner, or diverged) or FAIL, with tw
 - a surplus trial (user attribute ``surplus``) does not count. Two workers can both ask for the
   last trial at the same moment; the one whose trial sorts later fails it at once as surplus.
 
-Trials in flight (RUNNING and WAITING) hold a place too: a worker whose remaining budget is all
-held by other workers' running trials waits, polling every heartbeat interval, instead of exiting,
-so it can retry one of them if its worker dies.
+Trials in flight (RUNNING and WAITING) take a place too. A worker whose remaining budget is all
+taken by other workers' running trials polls the storage instead of exiting, so that it can retry
+one of those trials if its worker dies.
 """
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
@@ -173,7 +175,9 @@ def run_worker(
     grid_sampler = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
     while True:
         if is_heartbeat_enabled(study._storage):
-            fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         usage = budget_usage(trials)
         if on_progress is not None:

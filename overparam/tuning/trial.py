@@ -20,6 +20,10 @@ Outcomes:
 
 import logging
 import math
+import os
+import signal
+import socket
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 import optuna
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerStatus
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._cached_storage import _CachedStorage
@@ -126,6 +131,7 @@ class TrialObjective:
         version = run_name(trial.number)
         fit_args = self.fit_args(values, seed)
         trial.set_user_attr("seed", seed)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("fit_args", fit_args)
         trial.set_user_attr("run_dir", str(self.tensorboard_dir / self.study_name / version))
 
@@ -147,19 +153,26 @@ class TrialObjective:
     def _train(self, trial: optuna.trial.BaseTrial, values: dict[str, Any], seed: int, args: list[str]) -> float:
         cli = build_cli(args, run=False)
         trainer = cli.trainer
-        pruning = None
-        if self.spec.pruner_name != "none":
-            pruning = StepPruningCallback(trial)
-            _check_distributed(trainer, trial)
-        trainer.callbacks.extend(
-            [callback for callback in (pruning, TrialOutcomeCallback(self.spec.objective, values, trial.number, seed)) if callback]
-        )
+        pruning = StepPruningCallback(trial) if self.spec.pruner_name != "none" else None
+        _check_distributed(trainer, trial, pruning is not None)
+        if pruning is not None:
+            trainer.callbacks.append(pruning)
+        trainer.callbacks.append(TrialOutcomeCallback(self.spec.objective, values, trial.number, seed))
 
-        trainer.fit(cli.model, datamodule=cli.datamodule)
+        try:
+            trainer.fit(cli.model, datamodule=cli.datamodule)
+        except SystemExit as exit_info:
+            # Lightning turns Ctrl-C during fit into SystemExit(1) after a graceful shutdown, and
+            # ignores SIGINT from then on. Raise it as KeyboardInterrupt so Optuna records the trial.
+            if trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from exit_info
 
         metrics = trainer.callback_metrics
         if OBJECTIVE_KEY not in metrics:
-            raise RuntimeError("Training ended without reaching on_fit_end, so the trial has no objective value.")
+            raise RuntimeError("Training ended without running on_train_end, so the trial has no objective value.")
         diverged_at = int(metrics[DIVERGED_AT_KEY])
         if diverged_at >= 0:
             trial.set_user_attr("diverged_at", diverged_at)
@@ -173,14 +186,14 @@ class TrialObjective:
         return value
 
 
-def _check_distributed(trainer: Trainer, trial: optuna.trial.BaseTrial) -> None:
+def _check_distributed(trainer: Trainer, trial: optuna.trial.BaseTrial, pruning: bool) -> None:
     """Reject DDP setups in which a trial cannot run or be pruned, before any process starts."""
     if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
         raise ValueError(
             "Strategy 'ddp' starts each rank by re-running the command line, which would start new trials; "
             "use --trainer.strategy ddp_spawn for data-parallel trials."
         )
-    if trainer.world_size > 1 and isinstance(trial, optuna.Trial):
+    if pruning and trainer.world_size > 1 and isinstance(trial, optuna.Trial):
         storage = trial.study._storage
         if not isinstance(storage, _CachedStorage):
             raise ValueError(
