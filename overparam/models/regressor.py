@@ -194,10 +194,11 @@ class LinearStackRegressor(LightningModule):
             metrics["hp/final_loss_gap"] = self.last_loss - self.loss_optimum
         metrics["hp/diverged"] = float(self.diverged_at is not None)
         for logger in self.loggers:
-            logger.log_hyperparams(self._hparams_for_logging(), metrics)
+            logger.log_hyperparams(self.hparams_for_logging(), metrics)
             logger.save()
 
-    def _hparams_for_logging(self) -> dict:
+    def hparams_for_logging(self) -> dict:
+        """Return the hyperparameters with the optimizer's class and scalar settings, flat for TensorBoard."""
         params = dict(self.hparams)
         params["optimizer"] = getattr(self.optimizer_factory, "__name__", repr(self.optimizer_factory))
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None

@@ -179,7 +179,7 @@ class TrialOutcomeCallback(Callback):
             metrics["hp/objective"] = value
         for logger in trainer.loggers:
             params = dict(getattr(logger, "hparams", {}) or {})
-            params.update(pl_module._hparams_for_logging())
+            params.update(pl_module.hparams_for_logging())
             params.update(self._extra_hparams(params))
             logger.log_hyperparams(params, metrics)
 
