@@ -8,6 +8,7 @@ Modules:
 - ``trial``: the objective function.
 - ``storage``: SQLite, journal file and PostgreSQL storages with heartbeats.
 - ``study``: the trial budget and the worker loop.
+- ``batched``: the worker loop of ``--batch-size``, which trains several trials together.
 - ``report``: the trials table and the best trial.
 - ``command``: the command line.
 

@@ -180,16 +180,21 @@ class TrialOutcomeCallback(Callback):
         for logger in trainer.loggers:
             params = dict(getattr(logger, "hparams", {}) or {})
             params.update(pl_module.hparams_for_logging())
-            params.update(self._extra_hparams(params))
+            params.update(extra_hparams(params, self.searched, self.trial_number, self.seed))
             logger.log_hyperparams(params, metrics)
 
-    def _extra_hparams(self, params: dict[str, Any]) -> dict[str, Any]:
-        extra = {"trial": self.trial_number, "seed": self.seed}
-        for path, value in self.searched.items():
-            parts = path.split(".")
-            if parts[0] == "model" and len(parts) == 2 and parts[1] in params:
-                continue
-            if parts[:3] == ["model", "optimizer", "init_args"] and len(parts) == 4 and f"optimizer_{parts[3]}" in params:
-                continue
-            extra[path] = value
-        return extra
+
+def extra_hparams(params: dict[str, Any], searched: dict[str, Any], trial_number: int, seed: int) -> dict[str, Any]:
+    """Return the trial number, the seed and each searched value that ``params`` lacks under its short name.
+
+    ``model.X`` appears in ``params`` as ``X`` and ``model.optimizer.init_args.X`` as ``optimizer_X``.
+    """
+    extra = {"trial": trial_number, "seed": seed}
+    for path, value in searched.items():
+        parts = path.split(".")
+        if parts[0] == "model" and len(parts) == 2 and parts[1] in params:
+            continue
+        if parts[:3] == ["model", "optimizer", "init_args"] and len(parts) == 4 and f"optimizer_{parts[3]}" in params:
+            continue
+        extra[path] = value
+    return extra

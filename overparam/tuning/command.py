@@ -2,7 +2,7 @@
 
     overparam tune --config configs/ethanol/l4_depth2.yaml --search configs/search/lr_grid.yaml \\
         [--storage URL] [--study-name NAME] [--n-trials N] [--n-workers K] [--output DIR] \\
-        [--retrain-best] [-- LIGHTNINGCLI OVERRIDES...]
+        [--batch-size M] [--retrain-best] [-- LIGHTNINGCLI OVERRIDES...]
 
 The same command resumes a study: trials already counted are kept and ``n_trials`` is the total.
 ``--n-workers K`` starts K worker processes on this host (``python -m overparam tune ...`` with a
@@ -10,6 +10,7 @@ hidden ``--worker-index``), all on one study. With SQLite and K > 1 the workers 
 write lock; ``--storage journal:///path/study.log`` scales better on one host and PostgreSQL
 across machines. When ``torch.cuda.device_count()`` (or the list in ``CUDA_VISIBLE_DEVICES``) is
 at least K, each worker gets its own share of the GPUs through ``CUDA_VISIBLE_DEVICES``.
+``--batch-size M`` trains up to M trials of each worker together (``overparam.tuning.batched``).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import overparam
 from overparam.cli import build_cli
+from overparam.tuning.batched import check_batchable, check_batched_args, run_batched_worker
 from overparam.tuning.report import best_trial, retrain, summary, write_trials_csv
 from overparam.tuning.search_space import SearchFileError, SearchSpec, load_search_file, make_pruner, make_sampler
 from overparam.tuning.storage import default_storage_url, display_url, open_storage
@@ -73,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-workers", type=int, default=1, help="Worker processes on this host (default: 1).")
     parser.add_argument("--output", help="Output folder for study.db, trials.csv and TensorBoard runs (default: runs/tune/STUDY).")
     parser.add_argument("--retrain-best", action="store_true", help="Train the best trial's configuration again as run 'best'.")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=(
+            "Train up to this many trials of each worker together with the batched engine, without pruning "
+            "(default: one 'overparam fit' run per trial)."
+        ),
+    )
 
     parser.add_argument(
         "--heartbeat-interval", type=int, default=60, help="Seconds between heartbeats of a running trial (default: 60)."
@@ -99,6 +109,8 @@ def main(argv: list[str]) -> None:
     _setup_logging(options.worker_index)
     if options.n_workers < 1:
         parser.error(f"--n-workers must be at least 1, got {options.n_workers}.")
+    if options.batch_size is not None and options.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {options.batch_size}.")
     if options.heartbeat_interval < 1:
         parser.error(f"--heartbeat-interval must be at least 1 second, got {options.heartbeat_interval}.")
     if options.grace_period is not None and options.grace_period <= options.heartbeat_interval:
@@ -123,6 +135,9 @@ def main(argv: list[str]) -> None:
     if not is_worker:
         try:
             check_trial_args(objective)
+            if options.batch_size is not None:
+                check_batchable(spec)
+                check_batched_args(objective)
         except ValueError as error:
             raise SystemExit(f"overparam tune: {error}") from None
     try:
@@ -149,7 +164,7 @@ def main(argv: list[str]) -> None:
         else:
             failed = not _run_in_process(study, objective, budget, options, progress=True)
     except KeyboardInterrupt:
-        log.warning("Interrupted; the running trial is queued again. Run the same command to resume study %s.", study_name)
+        log.warning("Interrupted; the running trials are queued again. Run the same command to resume study %s.", study_name)
         raise SystemExit(130) from None
     if is_worker:
         raise SystemExit(1 if failed else 0)
@@ -221,7 +236,18 @@ def _run_in_process(study: optuna.Study, objective: TrialObjective, budget: int,
     bar = _ProgressBar(study.study_name, budget, enabled=progress)
     try:
         with logging_redirect_tqdm():
-            run_worker(study, objective, budget, poll_interval, on_progress=bar.update_usage, callbacks=[log_finished_trial])
+            if options.batch_size is None:
+                run_worker(study, objective, budget, poll_interval, on_progress=bar.update_usage, callbacks=[log_finished_trial])
+            else:
+                run_batched_worker(
+                    study,
+                    objective,
+                    budget,
+                    options.batch_size,
+                    poll_interval,
+                    on_progress=bar.update_usage,
+                    callbacks=[log_finished_trial],
+                )
     except RuntimeError as error:
         log.error("Worker stopped: %s", error)
         return False

@@ -172,34 +172,62 @@ def run_worker(
     last_trials: list[FrozenTrial] = []
     callbacks = [*(callbacks or []), lambda _study, trial: last_trials.append(trial)]
     consecutive_errors = 0
-    grid_sampler = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
     while True:
-        if is_heartbeat_enabled(study._storage):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        usage = budget_usage(trials)
-        if on_progress is not None:
-            on_progress(usage)
-        if usage.counted >= budget:
+        usage, places = open_places(study, budget, on_progress)
+        if places is None:
             return usage
-        if grid_sampler is not None and usage.in_flight == 0 and grid_sampler.is_exhausted(study):
-            log.info("Every grid point has been evaluated; %d of %d budgeted trials count.", usage.counted, budget)
-            return usage
-        if usage.counted + usage.running >= budget and usage.waiting == 0:
+        if places == 0:
             # The rest of the budget runs in other workers; wait in case one of them dies.
             time.sleep(poll_interval)
             continue
 
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
-        last = last_trials[-1] if last_trials else None
-        if last is not None and last.state == TrialState.FAIL and not last.user_attrs.get(SURPLUS_ATTR):
-            consecutive_errors += 1
-        else:
-            consecutive_errors = 0
-        if consecutive_errors >= max_consecutive_errors:
-            raise RuntimeError(
-                f"{consecutive_errors} trials in a row failed with errors, the last one with: "
-                f"{last.user_attrs.get('fail_reason', 'an unknown error')}. Fix the cause and run the same command to resume."
-            )
+        if last_trials:
+            consecutive_errors = count_errors_in_a_row(consecutive_errors, last_trials[-1], max_consecutive_errors)
+
+
+def open_places(
+    study: optuna.Study, budget: int, on_progress: Callable[[BudgetUsage], None] | None = None
+) -> tuple[BudgetUsage, int | None]:
+    """Fail stale trials, then return the budget usage and how many trials this worker may start now.
+
+    The count is None when the study is done (the budget is spent, or every grid point has been
+    evaluated) and 0 when the rest of the budget is taken by trials running in other workers. It
+    includes WAITING trials (retries and re-queued trials), which ``study.ask`` returns first, and
+    is at least 1 while a WAITING trial exists.
+    """
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            fail_stale_trials(study)
+    usage = budget_usage(study.get_trials(deepcopy=False))
+    if on_progress is not None:
+        on_progress(usage)
+    if usage.counted >= budget:
+        return usage, None
+    grid_sampler = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
+    if grid_sampler is not None and usage.in_flight == 0 and grid_sampler.is_exhausted(study):
+        log.info("Every grid point has been evaluated; %d of %d budgeted trials count.", usage.counted, budget)
+        return usage, None
+
+    places = budget - usage.counted - usage.running
+    if places <= 0 and usage.waiting > 0:
+        places = 1
+    return usage, max(places, 0)
+
+
+def count_errors_in_a_row(count: int, trial: FrozenTrial, limit: int) -> int:
+    """Return ``count`` plus one if ``trial`` failed with an error, else 0; raise ``RuntimeError`` at ``limit``.
+
+    A surplus trial fails without an error, so it resets the count.
+    """
+    if trial.state == TrialState.FAIL and not trial.user_attrs.get(SURPLUS_ATTR):
+        count += 1
+    else:
+        count = 0
+    if count >= limit:
+        raise RuntimeError(
+            f"{count} trials in a row failed with errors, the last one with: "
+            f"{trial.user_attrs.get('fail_reason', 'an unknown error')}. Fix the cause and run the same command to resume."
+        )
+    return count

@@ -99,12 +99,16 @@ class TrialObjective:
     def tensorboard_dir(self) -> Path:
         return self.output_dir / "tb"
 
-    def fit_args(self, values: dict[str, Any], seed: int) -> list[str]:
-        """Return the LightningCLI arguments that reproduce a trial with ``values`` and ``seed``."""
+    def shared_args(self) -> list[str]:
+        """Return the LightningCLI arguments that every trial shares: config, divergence bound and overrides."""
         args = ["--config", self.config]
         if self.spec.max_loss is not None:
             args += ["--divergence.max_loss", format_value(self.spec.max_loss)]
-        args += self.overrides
+        return args + self.overrides
+
+    def fit_args(self, values: dict[str, Any], seed: int) -> list[str]:
+        """Return the LightningCLI arguments that reproduce a trial with ``values`` and ``seed``."""
+        args = self.shared_args()
         for path, value in values.items():
             args += [f"--{path}", format_value(value)]
         return args + ["--seed_everything", str(seed)]
@@ -119,24 +123,34 @@ class TrialObjective:
         ]
         return [*config, *QUIET_TRAINER_ARGS, *rest[:-2], *placement, *rest[-2:]]
 
-    def __call__(self, trial: optuna.trial.BaseTrial) -> float:
-        if isinstance(trial, optuna.Trial) and self.budget is not None:
-            check_budget_slot(trial, self.budget)
+    def run_dir(self, trial_number: int) -> Path:
+        """Return the TensorBoard run folder of a trial: ``OUT/tb/STUDY/trial_NNNNN``."""
+        return self.tensorboard_dir / self.study_name / run_name(trial_number)
 
+    def start_trial(self, trial: optuna.trial.BaseTrial) -> tuple[dict[str, Any], int, list[str]]:
+        """Sample the searched values, pick the seed and record them as user attributes.
+
+        Returns the values by config path, the training seed and the ``overparam fit`` arguments.
+        """
         values = {path: param.suggest(trial, grid=self.spec.is_grid) for path, param in self.spec.params.items()}
         # A retried trial keeps the seed of the trial it replaces.
         seed = trial.user_attrs.get("seed")
         if seed is None:
             seed = self.spec.training_seed_for(trial.number)
-        version = run_name(trial.number)
         fit_args = self.fit_args(values, seed)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("fit_args", fit_args)
-        trial.set_user_attr("run_dir", str(self.tensorboard_dir / self.study_name / version))
+        trial.set_user_attr("run_dir", str(self.run_dir(trial.number)))
+        return values, seed, fit_args
 
+    def __call__(self, trial: optuna.trial.BaseTrial) -> float:
+        if isinstance(trial, optuna.Trial) and self.budget is not None:
+            check_budget_slot(trial, self.budget)
+
+        values, seed, fit_args = self.start_trial(trial)
         try:
-            return self._train(trial, values, seed, self.run_args(fit_args, version))
+            return self._train(trial, values, seed, self.run_args(fit_args, run_name(trial.number)))
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("prune_reason", str(pruned))
             raise
