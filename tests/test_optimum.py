@@ -74,3 +74,20 @@ def test_lp_optimum_rejects_small_p():
 
     with pytest.raises(ValueError, match="p >= 2"):
         lp_optimum(x, y, 1.5)
+
+
+def test_lp_optimum_ignores_rounding_level_directions():
+    generator = torch.Generator().manual_seed(7)
+    groups = torch.randint(0, 3, (600,), generator=generator)
+    one_hot = torch.nn.functional.one_hot(groups, 3).to(torch.float64)
+    measurements = torch.randn(600, 4, generator=generator, dtype=torch.float64)
+    y = (measurements.sum(1, keepdim=True) + groups[:, None] + torch.randn(600, 1, generator=generator, dtype=torch.float64))
+    x = torch.cat([one_hot, measurements], dim=1)
+    x = ((x - x.mean(0)) / x.std(0)).to(torch.float32)
+
+    # The z-scored one-hot columns are collinear up to float32 rounding; dropping one loses nothing.
+    full = lp_optimum(x, y.float(), 4)
+    without_redundant = lp_optimum(x[:, 1:].contiguous(), y.float(), 4)
+
+    assert full.loss == pytest.approx(without_redundant.loss, rel=1e-6)
+    assert full.weight.norm().item() < 100

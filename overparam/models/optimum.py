@@ -59,15 +59,26 @@ def lp_optimum(features: Tensor, target: Tensor, p: float, max_iterations: int =
     if y.ndim == 1:
         y = y[:, None]
 
-    weight = torch.linalg.lstsq(x, y, driver="gelsd").solution.T.contiguous()
+    # Solve in the span of the singular directions that the data's own precision resolves. A
+    # direction below that, such as one-hot columns that z-scoring made collinear up to float32
+    # rounding, would let the solver exploit rounding noise with huge weights.
+    _, singular_values, vh = torch.linalg.svd(x, full_matrices=False)
+    tolerance = 10 * torch.finfo(features.dtype).eps * singular_values[0]
+    basis = vh[singular_values > tolerance].T
+    reduced = x @ basis
+    if basis.shape[1] < x.shape[1]:
+        log.info("l%g optimum: %d of %d directions of the data are below its precision and left out", p, x.shape[1] - basis.shape[1], x.shape[1])
+
+    coefficients = torch.linalg.lstsq(reduced, y, driver="gelsd").solution.T.contiguous()
     iterations = 0
     if p != 2:
         columns = []
         for column in range(y.shape[1]):
-            solution, steps = _newton_lp(x, y[:, column], weight[column], float(p), max_iterations)
+            solution, steps = _newton_lp(reduced, y[:, column], coefficients[column], float(p), max_iterations)
             columns.append(solution)
             iterations = max(iterations, steps)
-        weight = torch.stack(columns)
+        coefficients = torch.stack(columns)
+    weight = coefficients @ basis.T
 
     residual = x @ weight.T - y
     loss = residual.abs().pow(p).mean().item()

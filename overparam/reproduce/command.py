@@ -9,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+import optuna
 import torch
 
 from overparam.reproduce.analysis import evaluate_claim
@@ -75,18 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.list:
         _print_list()
         return
-    if args.experiment is None:
-        parser.error("give an experiment name or a spec file (--list shows the names)")
-    if not args.scale > 0:
-        parser.error(f"--scale must be positive, got {args.scale}")
-    if args.points_per_decade is not None and args.points_per_decade < 1:
-        parser.error(f"--points-per-decade must be at least 1, got {args.points_per_decade}")
-    if args.max_widen is not None and args.max_widen < 0:
-        parser.error(f"--max-widen must be 0 or more, got {args.max_widen}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1, got {args.threads}")
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds repeats a seed: {args.seeds}")
+    _check_options(parser, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -118,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     log.info("Experiment %s (%s) at scale %g into %s.", spec.name, spec.path, args.scale, output)
     runs = ExperimentRunner(spec, settings).run(progress=log.info)
-    claims = [evaluate_claim(claim, _claim_curves(runs), args.scale) for claim in spec.claims]
+    curves = {key: result.curves for key, result in runs.models.items() if result.curves is not None}
+    claims = [evaluate_claim(claim, curves, args.scale) for claim in spec.claims]
 
     write_tables(runs, output)
     write_studies(runs, output / "tuning.db")
@@ -132,8 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Wrote {report} ({timing.total:.0f} s).")
 
 
-def _claim_curves(runs):
-    return {key: result.curves for key, result in runs.models.items() if result.curves is not None}
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject option values that argparse's types let through; ``parser.error`` exits with status 2."""
+    if args.experiment is None:
+        parser.error("give an experiment name or a spec file (--list shows the names)")
+    if not args.scale > 0:
+        parser.error(f"--scale must be positive, got {args.scale}")
+    if args.points_per_decade is not None and args.points_per_decade < 1:
+        parser.error(f"--points-per-decade must be at least 1, got {args.points_per_decade}")
+    if args.max_widen is not None and args.max_widen < 0:
+        parser.error(f"--max-widen must be 0 or more, got {args.max_widen}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
 
 
 def _print_list() -> None:
@@ -152,10 +155,9 @@ def _print_list() -> None:
 def _configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Each run_sweep call builds a LightningCLI, whose start-up messages repeat per model.
+    # Each run_sweep call builds a LightningCLI, whose start-up messages would repeat every round.
     for name in ("lightning.pytorch", "lightning.fabric", "overparam.sweeps", "overparam.models.optimum", "overparam.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    optuna_logging = __import__("optuna").logging
-    optuna_logging.set_verbosity(optuna_logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
