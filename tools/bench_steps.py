@@ -24,12 +24,13 @@ from overparam.models.linear_stack import LinearStack
 from overparam.models.losses import LpLoss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+WIDE = 100  # hidden width of the evaluation-order comparison
 
 
-def plain_loop_rate(features, target, depth: int, iterations: int, evaluation: str = "auto") -> float:
+def plain_loop_rate(features, target, depth: int, iterations: int, evaluation: str = "auto", width: int = 1) -> float:
     """Return iterations per second of a hand-written training loop."""
     torch.manual_seed(0)
-    net = LinearStack(features.shape[1], 1, depth=depth, hidden_widths=1, init_std=0.05, evaluation=evaluation)
+    net = LinearStack(features.shape[1], 1, depth=depth, hidden_widths=width, init_std=0.05, evaluation=evaluation)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
     loss_fn = LpLoss(4)
 
@@ -95,10 +96,21 @@ def main() -> None:
             f"overparam fit {fit_rate_:,.0f} it/s, ratio {fit_rate_ / plain_rate:.2f}"
         )
 
-    write_section(args, rows)
+    wide_rows = []
+    for depth in (2, 3):
+        product = statistics.median(
+            plain_loop_rate(features, target, depth, args.iterations // 4, "product", WIDE) for _ in range(args.repeats)
+        )
+        layers = statistics.median(
+            plain_loop_rate(features, target, depth, args.iterations // 20, "layers", WIDE) for _ in range(args.repeats)
+        )
+        wide_rows.append((depth, product, layers))
+        print(f"depth {depth}, width {WIDE}: product first {product:,.0f} it/s, layer by layer {layers:,.0f} it/s")
+
+    write_section(args, rows, wide_rows)
 
 
-def write_section(args, rows) -> None:
+def write_section(args, rows, wide_rows) -> None:
     """Replace this benchmark's section of the Markdown record with the new figures."""
     title = "## Full-batch iterations: `overparam fit` against a plain PyTorch loop"
     lines = [
@@ -119,6 +131,12 @@ def write_section(args, rows) -> None:
             for depth, plain, layers, fit, ratio in rows
         ],
         "",
+        f"Evaluation order of the plain loop at hidden width {WIDE}, where the two orders differ in cost:",
+        "",
+        "| depth | product first (it/s) | layer by layer (it/s) | speed-up |",
+        "| --- | --- | --- | --- |",
+        *[f"| {depth} | {product:,.0f} | {layers:,.0f} | {product / layers:.1f}x |" for depth, product, layers in wide_rows],
+        "",
     ]
     replace_section(args.output, title, "\n".join(lines))
 
@@ -137,10 +155,11 @@ def cpu_model() -> str:
 def replace_section(path: Path, title: str, section: str) -> None:
     """Write ``section`` in place of the one headed ``title`` in ``path``, or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures are ratios measured in one run on the machine named.\n\n"
+    section = section.rstrip("\n") + "\n"
     if title in text:
         start = text.index(title)
         end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
