@@ -11,6 +11,8 @@ from overparam.callbacks import DivergenceCallback
 from overparam.data.base import FullBatchRegressionDataModule
 from overparam.models.regressor import LinearStackRegressor
 
+log = logging.getLogger(__name__)
+
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -22,6 +24,11 @@ TRAINER_DEFAULTS = {
 
 class OverparamCLI(LightningCLI):
     """LightningCLI that links the data's shape to the model and adds the divergence check."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict is left out: the data modules serve no prediction set.
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(DivergenceCallback, "divergence")
@@ -69,7 +76,15 @@ def main(args: list[str] | None = None) -> None:
     # Full-batch runs without a validation split return no validation batches on purpose.
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
 
-    cli = build_cli(None if args is None else list(args))
+    if not command_line or command_line[0] in ("-h", "--help"):
+        print("Subcommands beyond fit, validate and test: overparam tune --help, overparam reproduce --help", file=sys.stderr)
+
+    try:
+        cli = build_cli(None if args is None else list(args))
+    except (OSError, ValueError) as error:
+        # Missing or invalid data and settings: the message names the file or value and the fix.
+        log.debug("overparam failed", exc_info=True)
+        raise SystemExit(f"overparam: {error}") from error
     diverged = divergence_of(cli)
     if diverged is not None:
         raise SystemExit(f"overparam: {diverged.message()}")

@@ -193,3 +193,25 @@ def test_test_subcommand_loads_checkpoint(tmp_path):
 
     expected = fitted.model.final_loss()
     assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_data_exits_with_one_line(tmp_path):
+    config = REPO_ROOT / "configs" / "ethanol" / "l4_depth1.yaml"
+    args = ["fit", "--config", str(config), "--data.init_args.data_dir", str(tmp_path / "missing"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+
+    message = str(exit_info.value.code)
+    assert "\n" not in message
+    assert str(tmp_path / "missing") in message
+    assert "batch1.dat" in message
+
+
+def test_predict_is_not_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict"])
+
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'predict'" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench_steps import replace_section
+from bench_steps import replace_section, command_line
 from overparam.cli import build_cli
 from overparam.models.linear_stack import LinearStack
 from overparam.models.losses import LpLoss
@@ -347,7 +347,7 @@ def write_section(
         f"start and {load[1]:.1f} at the end), torch threads: {torch.get_num_threads()}, device {args.device},",
         f"Python {platform.python_version()}, torch {torch.__version__}. A 1024 x 1024 float32 `torch.mm` ran at",
         f"{square_rate / 1e9:.1f} GFLOP/s. The run took {elapsed:.0f} s.",
-        f"Command: `python tools/bench_batched.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python tools/bench_batched.py {command_line()}`",
         "",
         *table,
         "",

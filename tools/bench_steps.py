@@ -122,7 +122,7 @@ def write_section(args, rows, wide_rows) -> None:
         "network product-first; the plain loop that applies the layers one by one is shown for comparison.",
         "",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()},",
-        f"torch {torch.__version__}. Command: `python tools/bench_steps.py {' '.join(sys.argv[1:])}`",
+        f"torch {torch.__version__}. Command: `python tools/bench_steps.py {command_line()}`",
         "",
         "| depth | plain loop (it/s) | plain loop, layer by layer (it/s) | overparam fit (it/s) | fit / plain loop |",
         "| --- | --- | --- | --- | --- |",
@@ -139,6 +139,15 @@ def write_section(args, rows, wide_rows) -> None:
         "",
     ]
     replace_section(args.output, title, "\n".join(lines))
+
+
+def command_line() -> str:
+    """Return this run's arguments with the local data folder written as DATA_DIR."""
+    arguments = sys.argv[1:]
+    for index, argument in enumerate(arguments[:-1]):
+        if argument == "--data-dir":
+            arguments[index + 1] = "DATA_DIR"
+    return " ".join(arguments)
 
 
 def cpu_model() -> str:

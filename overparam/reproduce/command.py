@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     log.info("Experiment %s (%s) at scale %g into %s.", spec.name, spec.path, args.scale, output)
-    runs = ExperimentRunner(spec, settings).run(progress=log.info)
+    try:
+        runs = ExperimentRunner(spec, settings).run(progress=log.info)
+    except (OSError, ValueError) as error:
+        # Missing or invalid data and settings: the message names the file or value and the fix.
+        log.debug("overparam reproduce failed", exc_info=True)
+        raise SystemExit(f"overparam reproduce: {error}") from error
     curves = {key: result.curves for key, result in runs.models.items() if result.curves is not None}
     claims = [evaluate_claim(claim, curves, args.scale) for claim in spec.claims]
 
@@ -137,6 +142,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} requested, but this torch build sees no CUDA device; use --device cpu")
 
 
 def _print_list() -> None:
