@@ -1,7 +1,7 @@
 """Benchmark full-batch iterations per second of ``overparam fit`` against a plain PyTorch loop.
 
 Both train the same bias-free linear network (Ethanol data, l4 loss, SGD, near-zero init) for the
-same number of iterations in one process; ``overparam fit`` logs every 100 iterations to TensorBoard.
+same number of iterations in one process. ``overparam fit`` logs every 100 iterations to TensorBoard.
 The ratio of the two rates goes to BENCHMARKS.md.
 
     python tools/bench_steps.py --data-dir ../shared/data/gas-sensor-drift
