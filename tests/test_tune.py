@@ -322,3 +322,59 @@ def test_wrong_parameter_path_fails_before_study(tmp_path):
     assert "model.learning_rate" in message
     assert str(search) in message
     assert not (tmp_path / "out" / "study.db").exists()
+
+
+def test_wrong_data_folder_fails_before_trials(gas_dir, tmp_path):
+    search = _write_search(tmp_path, {"sampler": "grid", "pruner": "none", "params": {LR: [1e-4, 1e-3]}})
+    output = tmp_path / "out"
+    overrides = [*_gas_overrides(gas_dir, 20), "--data.init_args.data_dir", str(tmp_path / "missing")]
+
+    with pytest.raises(SystemExit) as exit_info:
+        tune_main(["--config", str(ETHANOL_CONFIG), "--search", str(search), "--output", str(output), "--", *overrides])
+    message = str(exit_info.value.code)
+    assert message.startswith("overparam tune: The first trial could not be set up")
+    assert "\n" not in message
+    assert str(tmp_path / "missing") in message
+    assert "overrides after '--'" in message
+    assert not (output / "study.db").exists()
+    assert not (output / "tb").exists()
+
+
+def test_invalid_override_keeps_parser_reason(tmp_path):
+    search = _write_search(tmp_path, {"params": {LR: [0.1]}, "n_trials": 1})
+
+    with pytest.raises(SystemExit) as exit_info:
+        tune_main(
+            ["--config", str(ETHANOL_CONFIG), "--search", str(search), "--output", str(tmp_path / "out"), "--",
+             "--model.iterations_per_step", "abc"]
+        )
+    message = str(exit_info.value.code)
+    assert "abc" in message
+    assert message.index("overrides after '--'") < message.index(str(search))
+    assert not (tmp_path / "out" / "study.db").exists()
+
+
+def test_rerun_trains_errored_grid_points(gas_dir, tmp_path):
+    search = _write_search(tmp_path, {"sampler": "grid", "pruner": "none", "params": {LR: [1e-4, 1e-3]}})
+    output = tmp_path / "out"
+    command = ["--config", str(ETHANOL_CONFIG), "--search", str(search), "--output", str(output), "--study-name", "errs",
+               "--", *_gas_overrides(gas_dir, 20)]
+    # A regular file where trial 1 writes its TensorBoard run makes that trial fail with an error.
+    blocked = output / "tb" / "errs" / "trial_00001"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+
+    tune_main(command)
+    storage_url = f"sqlite:///{(output / 'study.db').resolve()}"
+    first = optuna.load_study(study_name="errs", storage=storage_url).get_trials()
+    assert [trial.state for trial in first] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert "fail_reason" in first[1].user_attrs
+
+    tune_main(command)
+    trials = optuna.load_study(study_name="errs", storage=storage_url).get_trials()
+    completed = [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3
+    assert sorted(trial.params[LR] for trial in completed) == [1e-4, 1e-3]
+    assert trials[2].system_attrs["failed_trial"] == 1
+    assert trials[2].user_attrs["seed"] == first[1].user_attrs["seed"]
+    assert budget_usage(trials).counted == 2

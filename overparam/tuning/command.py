@@ -15,11 +15,13 @@ at least K, each worker gets its own share of the GPUs through ``CUDA_VISIBLE_DE
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +37,8 @@ from overparam.tuning.batched import check_batchable, check_batched_args, run_ba
 from overparam.tuning.report import best_trial, retrain, summary, write_trials_csv
 from overparam.tuning.search_space import SearchFileError, SearchSpec, load_search_file, make_pruner, make_sampler
 from overparam.tuning.storage import default_storage_url, display_url, open_storage
-from overparam.tuning.study import BudgetUsage, StudyMismatchError, budget_usage, open_study, run_worker
-from overparam.tuning.trial import TrialObjective
+from overparam.tuning.study import BudgetUsage, StudyMismatchError, budget_usage, open_study, requeue_errored_trials, run_worker
+from overparam.tuning.trial import TrialObjective, _check_distributed
 
 log = logging.getLogger("overparam.tuning")
 
@@ -47,6 +49,8 @@ SILENT_LOGGERS = ("overparam.callbacks",)
 PARENT_POLL_INTERVAL_S = 2.0
 # Seconds between checks of a worker that waits for other workers' last trials.
 WORKER_POLL_INTERVAL_S = 2.0
+# Characters of an error message kept in the one-line errors of the argument checks.
+MAX_ERROR_CHARS = 500
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +142,8 @@ def main(argv: list[str]) -> None:
             if options.batch_size is not None:
                 check_batchable(spec)
                 check_batched_args(objective)
+            # Last, because it loads the data.
+            check_trial_setup(objective)
         except ValueError as error:
             raise SystemExit(f"overparam tune: {error}") from None
     try:
@@ -153,6 +159,9 @@ def main(argv: list[str]) -> None:
     except (SearchFileError, StudyMismatchError, ValueError) as error:
         raise SystemExit(f"overparam tune: {error}") from None
     if not is_worker:
+        requeued = requeue_errored_trials(study)
+        if requeued:
+            log.info("Re-queued trial(s) %s, which failed with errors, to train their parameters again.", requeued)
         log.info("Study %s in %s: budget %d trials, %d worker(s)", study_name, display_url(storage_url), budget, options.n_workers)
 
     failed = False
@@ -205,15 +214,17 @@ def default_study_name(config: str, search: str) -> str:
     return f"{config_path.parent.name}_{config_path.stem}_{Path(search).stem}".lstrip("_")
 
 
+def first_trial_values(objective: TrialObjective) -> dict:
+    """Return the first grid value, choice or lower bound of each searched parameter."""
+    return {path: param.choices[0] if param.choices else param.low for path, param in objective.spec.params.items()}
+
+
 def check_trial_args(objective: TrialObjective) -> None:
     """Parse one trial's arguments without training, so a wrong config path fails before the study starts.
 
     LightningCLI's ``--print_config`` parses and checks every argument, prints the config and exits.
     """
-    values = {}
-    for path, param in objective.spec.params.items():
-        values[path] = param.choices[0] if param.choices else param.low
-    args = objective.run_args(objective.fit_args(values, 0), "check") + ["--print_config"]
+    args = objective.run_args(objective.fit_args(first_trial_values(objective), 0), "check") + ["--print_config"]
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -221,13 +232,40 @@ def check_trial_args(objective: TrialObjective) -> None:
     except SystemExit as exit_info:
         if exit_info.code in (None, 0):
             return
-        errors = [line for line in stderr.getvalue().splitlines() if "error:" in line]
-        detail = errors[-1].split("error:", 1)[1].strip() if errors else stderr.getvalue().strip()[-500:]
         raise ValueError(
-            f"The trial arguments are invalid: {detail}. Check the parameter paths in {objective.spec.path} "
-            f"and the overrides after '--' against {objective.config}."
+            f"The trial arguments are invalid: {parser_error(stderr.getvalue())}. Check the overrides after '--', "
+            f"then the parameter paths in {objective.spec.path}, against {objective.config}."
         ) from None
     raise ValueError("LightningCLI did not exit after --print_config; the trial arguments could not be checked.")
+
+
+def parser_error(stderr: str) -> str:
+    """Return the parser's message from its first ``error:`` to the end, on one line and cut to 500 characters."""
+    text = stderr.split("error:", 1)[1] if "error:" in stderr else stderr
+    return " ".join(text.split())[:MAX_ERROR_CHARS].rstrip(".")
+
+
+def check_trial_setup(objective: TrialObjective) -> None:
+    """Build the first trial's model, data module and trainer, and load its data, without training.
+
+    A wrong data folder or trainer setting then fails once, before any trial is created. The
+    TensorBoard logger of this check writes to a temporary folder, which is deleted.
+    """
+    values = first_trial_values(objective)
+    with tempfile.TemporaryDirectory(prefix="overparam-tune-check-") as scratch:
+        check_objective = dataclasses.replace(objective, output_dir=Path(scratch))
+        args = check_objective.run_args(check_objective.fit_args(values, 0), "check")
+        try:
+            cli = build_cli(args, run=False)
+            _check_distributed(cli.trainer, optuna.trial.FixedTrial(values), objective.spec.pruner_name != "none")
+            cli.datamodule.prepare_data()
+            cli.datamodule.setup("fit")
+        except Exception as error:  # noqa: BLE001 - any error here would fail every trial the same way.
+            detail = " ".join(f"{type(error).__name__}: {error}".split())[:MAX_ERROR_CHARS].rstrip(".")
+            raise ValueError(
+                f"The first trial could not be set up ({detail}). Fix the overrides after '--' or {objective.config}, "
+                "then run the same command again; no trial was started."
+            ) from None
 
 
 def _run_in_process(study: optuna.Study, objective: TrialObjective, budget: int, options, progress: bool) -> bool:

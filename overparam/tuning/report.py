@@ -103,7 +103,7 @@ def summary(study: optuna.Study, budget: int, objective_name: str, storage_url: 
         lines.append(f"Its TensorBoard run and config.yaml: {best.user_attrs.get('run_dir', '?')}")
     lines.append(f"Trials table: {csv_path}")
     lines.append(f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}")
-    lines.append(f"Dashboard: {dashboard_command(storage_url)}")
+    lines.append(f"Dashboard: {dashboard_command(storage_url)}  (needs: pip install optuna-dashboard)")
     return "\n".join(lines)
 
 

@@ -8,6 +8,10 @@ when it is COMPLETE, PRUNED (pruned by the pruner, or diverged) or FAIL, with tw
 - a surplus trial (user attribute ``surplus``) does not count. Two workers can both ask for the
   last trial at the same moment; the one whose trial sorts later fails it at once as surplus.
 
+A trial that failed with an error (user attribute ``fail_reason``) counts, but each new run of
+``overparam tune`` re-queues it (``requeue_errored_trials``) as a retry that takes its place in the
+budget, so a grid point whose trials all failed with errors is trained again after the cause is fixed.
+
 Trials in flight (RUNNING and WAITING) take a place too. A worker whose remaining budget is all
 taken by other workers' running trials polls the storage instead of exiting, so that it can retry
 one of those trials if its worker dies.
@@ -105,6 +109,50 @@ def check_budget_slot(trial: optuna.Trial, budget: int) -> None:
         return
     trial.set_user_attr(SURPLUS_ATTR, True)
     raise SurplusTrial(f"trial {trial.number} exceeds the budget of {budget} trials (another worker took the last place)")
+
+
+def requeue_errored_trials(study: optuna.Study) -> list[int]:
+    """Queue a WAITING retry of each trial that failed with an error and was not retried yet.
+
+    The retry keeps the parameters and the seed, and records the failed trial in ``retry_history``
+    as ``RetryHeartbeatStaleTrialCallback`` does, so it takes that trial's place in the budget. A
+    grid point that has a COMPLETE, PRUNED or in-flight trial is not queued again. Trials failed by
+    the heartbeat (no ``fail_reason``) keep their own ``--max-retry`` limit. Returns the numbers of
+    the re-queued trials.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    covered_grid_ids = {
+        trial.system_attrs["grid_id"]
+        for trial in trials
+        if "grid_id" in trial.system_attrs and trial.state != TrialState.FAIL
+    }
+
+    requeued = []
+    for trial in trials:
+        errored = trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs
+        if not errored or trial.user_attrs.get(SURPLUS_ATTR) or trial.number in retried:
+            continue
+        grid_id = trial.system_attrs.get("grid_id")
+        if grid_id is not None and grid_id in covered_grid_ids:
+            continue
+        if grid_id is not None:
+            covered_grid_ids.add(grid_id)
+
+        system_attrs = {"failed_trial": trial.number, "retry_history": [], **trial.system_attrs}
+        system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
+        user_attrs = {key: value for key, value in trial.user_attrs.items() if key != "fail_reason"}
+        study.add_trial(
+            optuna.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs=user_attrs,
+                system_attrs=system_attrs,
+            )
+        )
+        requeued.append(trial.number)
+    return requeued
 
 
 def open_study(
