@@ -32,7 +32,6 @@ import io
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ from overparam.tuning.study import (
     SurplusTrial,
     check_budget_slot,
     count_errors_in_a_row,
-    open_places,
+    wait_for_places,
 )
 from overparam.tuning.trial import MAX_REASON_CHARS, TrialObjective, _requeue, run_name
 
@@ -197,13 +196,9 @@ def run_batched_worker(
 
     consecutive_errors = 0
     while True:
-        usage, places = open_places(study, budget, on_progress)
+        usage, places = wait_for_places(study, budget, poll_interval, on_progress)
         if places is None:
             return usage
-        if places == 0:
-            # The rest of the budget runs in other workers; wait in case one of them dies.
-            time.sleep(poll_interval)
-            continue
 
         finished = run_batch(study, objective, min(batch_size, places))
         for trial in finished:

@@ -8,9 +8,9 @@ when it is COMPLETE, PRUNED (pruned by the pruner, or diverged) or FAIL, with tw
 - a surplus trial (user attribute ``surplus``) does not count. Two workers can both ask for the
   last trial at the same moment; the one whose trial sorts later fails it at once as surplus.
 
-A trial that failed with an error (user attribute ``fail_reason``) counts, but each new run of
+A trial that failed with an error (user attribute ``fail_reason``) counts. Each new run of
 ``overparam tune`` re-queues it (``requeue_errored_trials``) as a retry that takes its place in the
-budget, so a grid point whose trials all failed with errors is trained again after the cause is fixed.
+budget, so a grid point whose trials all failed with errors trains again once the cause is fixed.
 
 Trials in flight (RUNNING and WAITING) take a place too. A worker whose remaining budget is all
 taken by other workers' running trials polls the storage instead of exiting, so that it can retry
@@ -221,17 +221,28 @@ def run_worker(
     callbacks = [*(callbacks or []), lambda _study, trial: last_trials.append(trial)]
     consecutive_errors = 0
     while True:
-        usage, places = open_places(study, budget, on_progress)
+        usage, places = wait_for_places(study, budget, poll_interval, on_progress)
         if places is None:
             return usage
-        if places == 0:
-            # The rest of the budget runs in other workers; wait in case one of them dies.
-            time.sleep(poll_interval)
-            continue
 
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
         if last_trials:
             consecutive_errors = count_errors_in_a_row(consecutive_errors, last_trials[-1], max_consecutive_errors)
+
+
+def wait_for_places(
+    study: optuna.Study, budget: int, poll_interval: float, on_progress: Callable[[BudgetUsage], None] | None = None
+) -> tuple[BudgetUsage, int | None]:
+    """Return ``open_places`` once this worker may start a trial or the study is done.
+
+    While the rest of the budget runs in other workers, poll every ``poll_interval`` seconds in case
+    one of them dies and its trial is retried.
+    """
+    while True:
+        usage, places = open_places(study, budget, on_progress)
+        if places != 0:
+            return usage, places
+        time.sleep(poll_interval)
 
 
 def open_places(
