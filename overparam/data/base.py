@@ -1,8 +1,8 @@
 """Shared base for full-batch tabular regression data modules.
 
-The whole training set lives in memory as two tensors and every training step sees all of it, so
-there is no per-sample ``Dataset`` and no collation: a per-sample ``DataLoader`` makes a full-batch
-step on 2565 rows tens of times slower than the arithmetic it feeds.
+The whole training set lives in memory as two tensors and every training step uses all of it.
+There is no per-sample ``Dataset`` and no collation, because a per-sample ``DataLoader`` makes a
+full-batch step on 2565 rows tens of times slower than the arithmetic it feeds.
 """
 
 import logging

@@ -26,7 +26,7 @@ class SyntheticRegressionDataModule(FullBatchRegressionDataModule):
     The rows are drawn so that every feature has mean 0 and variance 1. The covariance
     ``X^T X / n`` of the generated rows has eigenvalues spread log-uniformly, that is evenly spaced
     on a log scale, with mean 1 and largest / smallest equal to ``condition_number``. Z-scoring
-    therefore leaves the features unchanged, and a model sees exactly the requested conditioning.
+    therefore leaves the features unchanged, and a model trains on exactly the requested conditioning.
 
     NOTE: fixing the sample covariance exactly makes the rows dependent, unlike i.i.d. Gaussian rows.
 

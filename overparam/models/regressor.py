@@ -93,7 +93,7 @@ class LinearStackRegressor(LightningModule):
     def on_fit_start(self) -> None:
         self.curve = []
 
-        # The precision plugin has converted the weights by now, so this sees their final dtype.
+        # The precision plugin has converted the weights by now, so this reads their final dtype.
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "train_tensors"):
             data_dtype = datamodule.train_tensors()[0].dtype

@@ -441,7 +441,7 @@ def builtin_spec_dir() -> Path:
     """Return the folder of the specs shipped with the repository, ``configs/paper``.
 
     NOTE: the specs are not package data, so only a source checkout or an editable install finds
-    them; otherwise pass the path of a spec file.
+    them. Elsewhere, pass the path of a spec file.
     """
     return Path(__file__).resolve().parents[2] / "configs" / "paper"
 

@@ -7,8 +7,8 @@ bias), the gap is the training loss itself.
 
 - ``final_gap``: the gap after the last iteration.
 - ``iterations_to_gap``: the first logged iteration whose gap is at or below ``gap_threshold``. A run
-  that never reaches it scores ``max_steps + 1``, so all such runs tie behind every run that does;
-  with ``max_steps`` unset (-1) the penalty is the last logged iteration + 1. The resolution is
+  that never reaches it scores ``max_steps + 1``, so all such runs tie behind every run that does.
+  With ``max_steps`` unset (-1), the penalty is the last logged iteration + 1. The resolution is
   ``log_every_n_steps``.
 - ``auc_log_gap``: the mean of ``log10(gap)`` over the logged iterations, an area under the
   log-gap curve that rewards the fastest convergence; gaps below ``gap_floor`` (float rounding can
