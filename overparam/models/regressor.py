@@ -197,6 +197,13 @@ class LinearStackRegressor(LightningModule):
             logger.log_hyperparams(self.hparams_for_logging(), metrics)
             logger.save()
 
+    def teardown(self, stage: str) -> None:
+        # Lightning leaves the process group of a DDP run alive. A ddp_spawn rank that exits with
+        # it still alive can abort (SIGABRT) when gloo's threads release their tensors during
+        # interpreter shutdown, and the launcher then reports the whole run as failed.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def hparams_for_logging(self) -> dict:
         """Return the hyperparameters with the optimizer's class and scalar settings, flat for TensorBoard."""
         params = dict(self.hparams)
