@@ -1,5 +1,6 @@
 """BatchedLinearStack, the batched optimizers and train_batched against independent torch.optim loops."""
 
+import logging
 import math
 
 import pytest
@@ -261,6 +262,20 @@ def test_all_diverged_stops_early(regression):
     assert result.iterations_run == 10
     assert result.losses.shape == (100, 3)
     assert torch.isnan(result.losses[1:]).all()
+
+
+def test_progress_lines_report_iterations(regression, caplog):
+    features, target = regression
+    batched = BatchedLinearStack.from_models(build_models(depth=1))
+    optimizer = BatchedSGD(batched.parameters(), torch.tensor([0.01, 0.01, 1e308], dtype=DTYPE))
+    with caplog.at_level(logging.INFO, logger="overparam.sweeps.trainer.progress"):
+        train_batched(batched, features, target, 2, optimizer, 40, log_every=10, progress_seconds=0.0)
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "overparam.sweeps.trainer.progress"]
+    assert [line.split(" (")[0] for line in lines] == [f"Iteration {i} of 40" for i in (10, 20, 30)]
+    for line in lines:
+        assert "2 of 3 members active" in line
+        assert "min left" in line
 
 
 def test_from_models_member_round_trip(regression):

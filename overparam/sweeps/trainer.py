@@ -2,6 +2,7 @@
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,9 @@ from overparam.sweeps.batched_optim import BatchedOptimizer
 from overparam.sweeps.batched_stack import BatchedLinearStack, BatchedLpLoss
 
 log = logging.getLogger(__name__)
+# Progress lines of long runs have their own logger, so a caller can keep them while it silences
+# the rest of this module.
+progress_log = logging.getLogger(f"{__name__}.progress")
 
 
 @dataclass
@@ -46,6 +50,7 @@ def train_batched(
     inverse_p_factor: bool = False,
     divergence_bound: float | None = None,
     stop_when_all_diverged: bool = True,
+    progress_seconds: float = 60.0,
 ) -> BatchedTrainingResult:
     """Train all members by full-batch steps on ``features`` and ``target`` with the per-member l_p loss.
 
@@ -66,6 +71,8 @@ def train_batched(
         inverse_p_factor: Multiply the loss by ``1/p``.
         divergence_bound: Freeze a member once its loss exceeds this value.
         stop_when_all_diverged: End early once every member is frozen.
+        progress_seconds: Log the iteration, the active members and the time left this often, to
+            the ``overparam.sweeps.trainer.progress`` logger, checked at logged iterations.
     """
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be at least 1, got {num_iterations}.")
@@ -95,11 +102,15 @@ def train_batched(
     )
 
     iterations_run = 0
+    start = last_report = time.monotonic()
     for iteration in range(num_iterations):
         losses = loss_fn(model(features), target)
         detached = losses.detach()
         if iteration % log_every == 0:
             curves[iteration // log_every] = torch.where(active, detached, nan)
+            if iteration > 0 and time.monotonic() - last_report >= progress_seconds:
+                last_report = time.monotonic()
+                _log_progress(iteration, num_iterations, int(active.sum()), model.num_members, last_report - start)
 
         healthy = torch.isfinite(detached)
         if divergence_bound is not None:
@@ -131,4 +142,13 @@ def train_batched(
         diverged=diverged,
         diverged_at=diverged_at,
         iterations_run=iterations_run,
+    )
+
+
+def _log_progress(iteration: int, num_iterations: int, active: int, num_members: int, elapsed: float) -> None:
+    rate = iteration / elapsed
+    progress_log.info(
+        "Iteration %s of %s (%.0f%%), %d of %d members active, %.0f it/s, about %.0f min left.",
+        f"{iteration:,}", f"{num_iterations:,}", 100 * iteration / num_iterations, active, num_members,
+        rate, (num_iterations - iteration) / rate / 60,
     )
