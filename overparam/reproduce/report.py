@@ -309,7 +309,7 @@ def _timing_lines(runs: ExperimentRuns, timing: ReportTiming) -> list[str]:
     cached = sum(run.seconds for result in runs.models.values() for run in result.runs.values() if run.cached)
     num_cached = sum(result.cached_runs for result in runs.models.values())
     num_runs = sum(len(result.runs) for result in runs.models.values())
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = f"{platform.machine()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
     lines = [
         f"Training time: {trained + cached:.0f} s for {num_runs} runs ({num_runs - num_cached} trained by this command "
         f"in {trained:.0f} s; {num_cached} read from the run cache, {cached:.0f} s as measured when they were trained). "
