@@ -117,7 +117,8 @@ def test_depth_report_has_a_verdict_per_claim(depth_output):
     assert "Wall time of this command:" in report
     assert "Training time:" in report
     assert "Estimated training time at scale 1" in report
-    assert "standard deviation 0.01, 0.05" in report
+    assert "standard deviation 0.05 (0.01 where a model states it)" in report
+    assert "features and target z-scored, no train/test split, float32" in report
     assert "![depth](depth.png)" in report
 
 
@@ -234,3 +235,13 @@ def test_invalid_options_are_rejected(arguments, message, capsys):
         cli_main(["reproduce", *arguments])
     assert error.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_wrong_data_folder_writes_nothing(tmp_path):
+    output = tmp_path / "results" / "depth"
+    with pytest.raises(SystemExit) as error:
+        cli_main(["reproduce", "depth", "--scale", "0.001", "--data-dir", str(tmp_path / "missing"), "--output", str(output)])
+
+    assert "is not a folder" in str(error.value)
+    assert not output.exists()
+    assert not (tmp_path / "results" / ".run-cache").exists()

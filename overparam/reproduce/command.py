@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     except SpecError as error:
         raise SystemExit(f"overparam reproduce: {error}") from None
     output = args.output if args.output is not None else Path("results") / spec.name
-    output.mkdir(parents=True, exist_ok=True)
     cache_dir = None if args.no_cache else (args.cache_dir or output.resolve().parent / ".run-cache")
     tensorboard_dir = None
     if args.tensorboard:
@@ -108,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     log.info("Experiment %s (%s) at scale %g into %s.", spec.name, spec.path, args.scale, output)
     try:
-        runs = ExperimentRunner(spec, settings).run(progress=log.info)
+        # The runner loads the data first, so a wrong data folder leaves no empty output folder.
+        runner = ExperimentRunner(spec, settings)
+        output.mkdir(parents=True, exist_ok=True)
+        runs = runner.run(progress=log.info)
     except (OSError, ValueError) as error:
         # Missing or invalid data and settings: the message names the file or value and the fix.
         log.debug("overparam reproduce failed", exc_info=True)

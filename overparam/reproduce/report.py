@@ -310,9 +310,13 @@ def _timing_lines(runs: ExperimentRuns, timing: ReportTiming) -> list[str]:
     num_cached = sum(result.cached_runs for result in runs.models.values())
     num_runs = sum(len(result.runs) for result in runs.models.values())
     machine = f"{platform.machine()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
+    sources = []
+    if num_runs > num_cached:
+        sources.append(f"{num_runs - num_cached} trained by this command in {trained:.0f} s")
+    if num_cached:
+        sources.append(f"{num_cached} read from the run cache, whose training took {cached:.0f} s")
     lines = [
-        f"Training time: {trained + cached:.0f} s for {num_runs} runs ({num_runs - num_cached} trained by this command "
-        f"in {trained:.0f} s; {num_cached} read from the run cache, {cached:.0f} s as measured when they were trained). "
+        f"Training time: {trained + cached:.0f} s for {num_runs} runs ({'; '.join(sources)}). "
         f"Wall time of this command: {timing.total:.0f} s. Machine: {machine}.",
     ]
     if runs.settings.scale != 1:
@@ -329,16 +333,25 @@ def _setting_lines(runs: ExperimentRuns) -> list[str]:
     rows, features = runs.data_shape
     models = list(spec.models.values())
     widths = sorted({model.hidden_width for model in models if model.depth > 1})
-    stds = sorted({model.init_std for model in models if model.init == "near_zero"})
+    near_zero_stds = [model.init_std for model in models if model.init == "near_zero"]
+    stds = sorted(set(near_zero_stds))
+    if len(stds) > 1:
+        # The value most models use reads as the rule, the others as the stated exceptions.
+        usual = max(stds, key=near_zero_stds.count)
+        others = ", ".join(f"{std:g}" for std in stds if std != usual)
+        std_text = f"{usual:g} ({others} where a model states it)"
+    else:
+        std_text = ", ".join(f"{std:g}" for std in stds) or "n/a"
+    scaling = "features and target z-scored" if runs.standardized else "features and target as read, not z-scored"
     optimum = ", ".join(f"l{p:g}: L* = {value:.6g}" for p, value in sorted(runs.loss_optimum.items()))
     return [
-        f"- Data: {runs.data_name} ({rows} rows x {features} features), features and target z-scored, "
-        "no train/test split, float32.",
+        f"- Data: {runs.data_name} ({rows} rows x {features} features), {scaling}, "
+        f"no train/test split, {runs.dtype}.",
         "- Models: bias-free linear networks; hidden width "
         f"{', '.join(str(width) for width in widths) if widths else 'n/a (depth 1 only)'} "
         "(1 unless a model states otherwise); full-batch iterations.",
         "- Initialization: near-zero unless stated, meaning Gaussian entries in every layer with standard "
-        f"deviation {', '.join(f'{std:g}' for std in stds) or 'n/a'}. The paper does not state its standard "
+        f"deviation {std_text}. The paper does not state its standard "
         "deviation; this is our choice. `identity` sets every layer to the (rectangular) identity with no noise, "
         "so all seeds of an identity-initialized model start, and with gradient descent run, identically.",
         "- Loss: mean(|y_hat - y|^p). Plotted and compared: training loss minus its optimum L* over all "

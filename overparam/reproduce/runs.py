@@ -120,6 +120,9 @@ class ExperimentRuns:
     data_name: str
     data_shape: tuple[int, int]
     wall_seconds: float = 0.0
+    # How the config prepares the data, for the report: z-scored or not, and the tensors' dtype.
+    standardized: bool = True
+    dtype: str = "float32"
 
 
 class RunCache:
@@ -208,7 +211,6 @@ class ExperimentRunner:
         self.points_per_decade = settings.points_per_decade or spec.tuning.points_per_decade
         self.max_widen = spec.tuning.max_widen if settings.max_widen is None else settings.max_widen
         self.log_every = max(1, int(round(spec.log_every * settings.scale)))
-        self.cache = RunCache(settings.cache_dir)
         self._rounds = 0
 
         self.config_args = ["--config", str(spec.config), "--trainer.logger", "false"]
@@ -218,7 +220,9 @@ class ExperimentRunner:
 
         cli = build_cli(self.config_args, run=False)
         self.features, self.target = cli.datamodule.train_tensors()
+        self.cache = RunCache(settings.cache_dir)
         self.data_name = type(cli.datamodule).__name__
+        self.standardized = bool(getattr(cli.datamodule, "standardize", True))
         self.dtype = self.features.dtype
         self.device = torch.device(settings.device) if settings.device else torch.device("cpu")
         self.cache_identity = {
@@ -249,6 +253,8 @@ class ExperimentRunner:
             data_name=self.data_name,
             data_shape=tuple(self.features.shape),
             wall_seconds=time.perf_counter() - start,
+            standardized=self.standardized,
+            dtype=str(self.dtype).removeprefix("torch."),
         )
 
     def _run_networks(self, models: list[ModelSpec], progress) -> dict[str, ModelResult]:
