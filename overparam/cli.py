@@ -45,6 +45,8 @@ def build_cli(args: list[str] | None, run: bool = True) -> OverparamCLI:
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        # A misspelled option such as --model.dept must fail, not match --model.depth by prefix.
+        parser_kwargs={"allow_abbrev": False},
         args=args,
         run=run,
     )

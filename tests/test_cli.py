@@ -215,3 +215,11 @@ def test_predict_is_not_a_subcommand(capsys):
 
     assert exit_info.value.code == 2
     assert "invalid choice: 'predict'" in capsys.readouterr().err
+
+
+def test_option_prefix_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO_ROOT / "configs/ethanol/l4_depth2.yaml"), "--model.dept", "3"])
+
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --model.dept 3" in capsys.readouterr().err
