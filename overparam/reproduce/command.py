@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="overparam reproduce",
+        allow_abbrev=False,
         description=(
             "Run one linear-network experiment of Arora, Cohen & Hazan (ICML 2018) from a spec file, tune "
             "learning rates, test the paper's claims and write curves.csv, summary.csv, NAME.png and report.md."

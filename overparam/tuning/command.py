@@ -56,6 +56,7 @@ MAX_ERROR_CHARS = 500
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="overparam tune",
+        allow_abbrev=False,
         description=(
             "Search hyperparameters of an 'overparam fit' config with Optuna. Arguments after '--' are passed "
             "to every trial as LightningCLI overrides, e.g. -- --trainer.max_steps 2000."
