@@ -57,6 +57,16 @@ def test_builtin_specs_all_load():
         assert len(spec.seeds) >= 3
 
 
+def test_variant_specs_all_load():
+    paths = sorted((builtin_spec_dir() / "variants").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        spec = load_spec(path)
+        assert spec.name == path.stem
+        assert spec.config == BASE_CONFIG
+        assert spec.claims, f"{path.name} has no claims"
+
+
 def test_minimal_spec_defaults_and_emulation(tmp_path):
     spec = load_spec(write(tmp_path, minimal_spec()))
     depth1 = spec.models["l4/depth1"]
