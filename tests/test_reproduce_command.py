@@ -15,6 +15,7 @@ from overparam.reproduce.analysis import NOT_REPRODUCED, PARTLY, REPRODUCED
 from overparam.reproduce.report import SUMMARY_COLUMNS
 from overparam.reproduce.runs import MemberRun, RunCache, curve_on_grid, logged_iterations
 from overparam.reproduce.spec import load_spec
+from conftest import SHARED_DATA
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
@@ -23,9 +24,9 @@ VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
 @pytest.fixture(scope="module")
 def depth_output(tmp_path_factory) -> Path:
     """Run ``overparam reproduce depth`` at scale 0.001 (1,000 iterations) once for the module's tests."""
-    gas_dir = REPO_ROOT.parent / "shared" / "data" / "gas-sensor-drift"
+    gas_dir = SHARED_DATA / "gas-sensor-drift"
     if not gas_dir.is_dir():
-        pytest.skip(f"real UCI data not found at {gas_dir}")
+        pytest.skip(f"real UCI data not found at {gas_dir}; set OVERPARAM_TEST_DATA to the folder that contains gas-sensor-drift/")
     output = tmp_path_factory.mktemp("reproduce") / "depth"
     cli_main([
         "reproduce", "depth", "--scale", "0.001", "--data-dir", str(gas_dir), "--output", str(output),
@@ -245,3 +246,28 @@ def test_wrong_data_folder_writes_nothing(tmp_path):
     assert "is not a folder" in str(error.value)
     assert not output.exists()
     assert not (tmp_path / "results" / ".run-cache").exists()
+
+
+def test_report_without_widening(tmp_path, gas_dir):
+    spec = {
+        "name": "no_widening",
+        "title": "Two rates, no widening",
+        "config": str(REPO_ROOT / "configs" / "ethanol" / "l4_depth1.yaml"),
+        "iterations": 50,
+        "log_every": 10,
+        "seeds": [0, 1, 2],
+        "tuning": {"points_per_decade": 1, "max_widen": 0},
+        "panels": [{"name": "l2", "p": 2, "models": [{"name": "depth1", "depth": 1, "lr_grid": [1e-3, 1e-2]}]}],
+        "claims": [],
+    }
+    path = tmp_path / "no_widening.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    output = tmp_path / "out"
+    cli_main(["reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache",
+              "--threads", "1"])
+
+    report = (output / "report.md").read_text()
+    assert "Widening is off" in report
+    assert "times per side" not in report
+    assert "edge of the grid)" in report
+    assert "after widening" not in report

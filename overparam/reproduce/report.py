@@ -399,13 +399,18 @@ def _model_table(runs: ExperimentRuns) -> list[str]:
 def _tuning_lines(runs: ExperimentRuns) -> list[str]:
     if not any(result.model.tuned for result in runs.models.values()):
         return ["No model of this experiment is tuned: every model runs at the fixed learning rate of its spec."]
+    max_widen = runs.spec.tuning.max_widen if runs.settings.max_widen is None else runs.settings.max_widen
+    if max_widen > 0:
+        widening = (
+            "A choice on the smallest or largest rate of the grid adds the next rate on that side and runs "
+            f"it, up to {max_widen} times per side."
+        )
+    else:
+        widening = "Widening is off: a choice on the smallest or largest rate of the grid stays there."
     lines = [
         "Every candidate rate runs for every seed over the model's full horizon. Score: the mean over "
         "seeds of the mean log10 gap over the logged iterations (the normalized area under the log-gap "
-        "curve). The chosen rate has the lowest score among rates where no seed diverged. A choice on the "
-        "smallest or largest rate of the grid adds the next rate on that side and runs it, up to "
-        f"{runs.spec.tuning.max_widen if runs.settings.max_widen is None else runs.settings.max_widen} "
-        "times per side.",
+        "curve). The chosen rate has the lowest score among rates where no seed diverged. " + widening,
         "",
     ]
     for key, result in runs.models.items():
@@ -413,8 +418,10 @@ def _tuning_lines(runs: ExperimentRuns) -> list[str]:
             continue
         choice = result.choice
         status = f"chosen lr {choice.lr:g}" if choice.lr is not None else "every lr diverged"
-        if choice.edge:
+        if choice.edge and result.widened:
             status += f", still on the {choice.edge} edge of the grid after widening"
+        elif choice.edge:
+            status += f", on the {choice.edge} edge of the grid"
         widened = f"; added by widening: {', '.join(f'{lr:g}' for lr in result.widened)}" if result.widened else ""
         lines += [f"**{key}** ({status}{widened})", "", "| lr | score | final gap (mean) | diverged |",
                   "| --- | --- | --- | --- |"]
