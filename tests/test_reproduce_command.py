@@ -21,6 +21,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
 
 
+def _reproduce_spec(tmp_path: Path, gas_dir: Path, spec: dict) -> Path:
+    """Write ``spec`` to a file, run ``overparam reproduce`` on it without the run cache and return the output folder."""
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    output = tmp_path / "out"
+    cli_main(["reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache", "--threads", "1"])
+    return output
+
+
 @pytest.fixture(scope="module")
 def depth_output(tmp_path_factory) -> Path:
     """Run ``overparam reproduce depth`` at scale 0.001 (1,000 iterations) once for the module's tests."""
@@ -157,11 +166,7 @@ def test_emulation_variant_from_a_copied_spec(tmp_path, gas_dir):
         "claims": [{"id": "tracks", "text": "The rule tracks the network.", "kind": "tracks",
                     "model": "l2/rule2", "baseline": "l2/depth2"}],
     }
-    path = tmp_path / "mini.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    output = tmp_path / "out"
-    cli_main(["reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache",
-              "--threads", "1"])
+    output = _reproduce_spec(tmp_path, gas_dir, spec)
 
     curves = pd.read_csv(output / "curves.csv")
     network = curves[curves["model"] == "l2/depth2"].sort_values(["seed", "iteration"])
@@ -260,11 +265,7 @@ def test_report_without_widening(tmp_path, gas_dir):
         "panels": [{"name": "l2", "p": 2, "models": [{"name": "depth1", "depth": 1, "lr_grid": [1e-3, 1e-2]}]}],
         "claims": [],
     }
-    path = tmp_path / "no_widening.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    output = tmp_path / "out"
-    cli_main(["reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache",
-              "--threads", "1"])
+    output = _reproduce_spec(tmp_path, gas_dir, spec)
 
     report = (output / "report.md").read_text()
     assert "Widening is off" in report
