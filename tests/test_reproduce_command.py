@@ -21,12 +21,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
 
 
-def _reproduce_spec(tmp_path: Path, gas_dir: Path, spec: dict) -> Path:
+def _small_spec(name: str, iterations: int, panels: list[dict], **fields) -> dict:
+    """Return a user spec on the Ethanol l4 config with 3 seeds, logging every 10 iterations."""
+    return {
+        "name": name,
+        "title": name.replace("_", " "),
+        "config": str(REPO_ROOT / "configs" / "ethanol" / "l4_depth1.yaml"),
+        "iterations": iterations,
+        "log_every": 10,
+        "seeds": [0, 1, 2],
+        "panels": panels,
+        **fields,
+    }
+
+
+def _reproduce_spec(tmp_path: Path, gas_dir: Path, spec: dict, *options: str) -> Path:
     """Write ``spec`` to a file, run ``overparam reproduce`` on it without the run cache and return the output folder."""
     path = tmp_path / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     output = tmp_path / "out"
-    cli_main(["reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache", "--threads", "1"])
+    cli_main([
+        "reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache", "--threads", "1",
+        *options,
+    ])
     return output
 
 
@@ -148,24 +165,13 @@ def test_unknown_experiment_exits_with_names():
 
 def test_emulation_variant_from_a_copied_spec(tmp_path, gas_dir):
     """A user's spec with a network, its end-to-end emulation and a tracks claim, trained for 300 iterations."""
-    spec = {
-        "name": "emulation_mini",
-        "title": "Emulation check",
-        "config": str(REPO_ROOT / "configs" / "ethanol" / "l4_depth1.yaml"),
-        "iterations": 300,
-        "log_every": 10,
-        "seeds": [0, 1, 2],
-        "panels": [{
-            "name": "l2",
-            "p": 2,
-            "models": [
-                {"name": "depth2", "depth": 2, "init": "balanced", "init_std": 0.05, "lr": 1e-3},
-                {"name": "rule2", "optimizer": "end_to_end", "emulates": "depth2", "lr": 1e-3},
-            ],
-        }],
-        "claims": [{"id": "tracks", "text": "The rule tracks the network.", "kind": "tracks",
-                    "model": "l2/rule2", "baseline": "l2/depth2"}],
-    }
+    models = [
+        {"name": "depth2", "depth": 2, "init": "balanced", "init_std": 0.05, "lr": 1e-3},
+        {"name": "rule2", "optimizer": "end_to_end", "emulates": "depth2", "lr": 1e-3},
+    ]
+    claims = [{"id": "tracks", "text": "The rule tracks the network.", "kind": "tracks",
+               "model": "l2/rule2", "baseline": "l2/depth2"}]
+    spec = _small_spec("emulation_mini", 300, [{"name": "l2", "p": 2, "models": models}], claims=claims)
     output = _reproduce_spec(tmp_path, gas_dir, spec)
 
     curves = pd.read_csv(output / "curves.csv")
@@ -204,20 +210,8 @@ def test_run_cache_round_trip(tmp_path):
 
 
 def test_tensorboard_logs_of_trained_runs(tmp_path, gas_dir):
-    spec = {
-        "name": "tb",
-        "title": "TensorBoard check",
-        "config": str(REPO_ROOT / "configs" / "ethanol" / "l4_depth1.yaml"),
-        "iterations": 50,
-        "log_every": 10,
-        "seeds": [0, 1, 2],
-        "panels": [{"name": "l2", "p": 2, "models": [{"name": "depth1", "lr": 1e-3}]}],
-    }
-    path = tmp_path / "tb.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    output = tmp_path / "out"
-    cli_main(["reproduce", str(path), "--data-dir", str(gas_dir), "--output", str(output), "--no-cache",
-              "--tensorboard", "--threads", "1"])
+    spec = _small_spec("tb", 50, [{"name": "l2", "p": 2, "models": [{"name": "depth1", "lr": 1e-3}]}])
+    output = _reproduce_spec(tmp_path, gas_dir, spec, "--tensorboard")
 
     event_files = sorted((output / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(event_files) == 3
@@ -254,17 +248,8 @@ def test_wrong_data_folder_writes_nothing(tmp_path):
 
 
 def test_report_without_widening(tmp_path, gas_dir):
-    spec = {
-        "name": "no_widening",
-        "title": "Two rates, no widening",
-        "config": str(REPO_ROOT / "configs" / "ethanol" / "l4_depth1.yaml"),
-        "iterations": 50,
-        "log_every": 10,
-        "seeds": [0, 1, 2],
-        "tuning": {"points_per_decade": 1, "max_widen": 0},
-        "panels": [{"name": "l2", "p": 2, "models": [{"name": "depth1", "depth": 1, "lr_grid": [1e-3, 1e-2]}]}],
-        "claims": [],
-    }
+    panels = [{"name": "l2", "p": 2, "models": [{"name": "depth1", "depth": 1, "lr_grid": [1e-3, 1e-2]}]}]
+    spec = _small_spec("no_widening", 50, panels, tuning={"points_per_decade": 1, "max_widen": 0})
     output = _reproduce_spec(tmp_path, gas_dir, spec)
 
     report = (output / "report.md").read_text()
