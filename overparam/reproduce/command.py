@@ -168,7 +168,7 @@ def _configure_logging() -> None:
     # Each run_sweep call builds a LightningCLI, whose start-up messages would repeat every round.
     for name in ("lightning.pytorch", "lightning.fabric", "overparam.sweeps", "overparam.models.optimum", "overparam.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Keep the sweeps' progress lines: one run of the paper's horizon trains for many minutes.
+    # Keep the sweeps' progress lines, because one round at the paper's horizon can train for an hour.
     logging.getLogger("overparam.sweeps.trainer.progress").setLevel(logging.INFO)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
