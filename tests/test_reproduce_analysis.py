@@ -232,6 +232,17 @@ def test_stalls_verdicts():
     assert result.numbers["stalled_seeds"] == 0
 
 
+def test_diverged_seed_does_not_stall():
+    blown_up = np.full(ITERATIONS.shape, 5.0)
+    blown_up[-10:] = np.nan
+    model = curves("a", [np.full(ITERATIONS.shape, 5.0)] * 2 + [blown_up], diverged_at=[None, None, 190])
+    result = evaluate_claim(claim("stalls", baseline=None), {"a": model})
+
+    assert result.verdict == PARTLY
+    assert result.numbers["stalled_seeds"] == 2
+    assert "1 of 3 seeds diverged" in result.evidence
+
+
 def test_claim_on_model_without_curves():
     result = evaluate_claim(claim("ends_below"), {"b": curves("b", [decay(0.001)] * 3)})
     assert result.verdict == NOT_REPRODUCED

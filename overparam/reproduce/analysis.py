@@ -35,7 +35,7 @@ RULES = {
     "tracks": "reproduced when the central curves stay within `tolerance` decades at every logged iteration; partly "
     "when that holds for the first half of the horizon or at the median iteration; not reproduced otherwise or "
     "when a seed diverged.",
-    "stalls": "reproduced when every seed ends at `min_ratio` of its starting gap or above; partly for some seeds.",
+    "stalls": "reproduced when every seed ends, without diverging, at `min_ratio` of its starting gap or above; partly for some seeds.",
 }
 
 
@@ -415,7 +415,9 @@ def _stalls(claim: ClaimSpec, model: ModelCurves) -> ClaimResult:
     start = np.maximum(model.gaps[0], model.floor)
     end = model.gaps_at()
     ratios = end / start
-    stalled = int((ratios >= min_ratio).sum())
+    # A diverged seed (infinite end) left its start, so it does not count as stalled.
+    stalled = int(((ratios >= min_ratio) & np.isfinite(end)).sum())
+    diverged = int((~np.isfinite(end)).sum())
     numbers = {
         "start_gmean": float(10.0 ** np.log10(start).mean()),
         "end_gmean": float(10.0 ** np.log10(end).mean()) if np.isfinite(end).all() else math.inf,
@@ -433,6 +435,8 @@ def _stalls(claim: ClaimSpec, model: ModelCurves) -> ClaimResult:
         f"iteration {model.horizon:,}; {stalled} of {len(ratios)} seeds end at {min_ratio:g} of their start or above "
         f"(lowest end/start ratio {ratios.min():.3g})"
     )
+    if diverged:
+        evidence += f"; {diverged} of {len(ratios)} seeds diverged"
     return ClaimResult(claim, verdict, evidence, numbers)
 
 
