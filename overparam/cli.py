@@ -1,6 +1,8 @@
 """Command-line entry point: ``overparam fit | validate | test`` through LightningCLI."""
 
+import contextlib
 import importlib
+import io
 import logging
 import sys
 import warnings
@@ -34,6 +36,29 @@ class OverparamCLI(LightningCLI):
         parser.add_lightning_class_args(DivergenceCallback, "divergence")
         parser.link_arguments("data.num_features", "model.input_size", apply_on="instantiate")
         parser.link_arguments("data.num_targets", "model.output_size", apply_on="instantiate")
+
+
+def parser_error(stderr: str, max_chars: int = 500) -> str:
+    """Return the parser's message from its first ``error:`` to the end, on one line and cut to ``max_chars``."""
+    text = stderr.split("error:", 1)[1] if "error:" in stderr else stderr
+    return " ".join(text.split())[:max_chars].rstrip(".")
+
+
+def print_config(args: list[str]) -> str:
+    """Return the config that ``overparam fit`` with ``args`` would run, as ``--print_config`` prints it.
+
+    Raises:
+        ValueError: LightningCLI rejected ``args``; the message is the parser's error.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            build_cli([*args, "--print_config"], run=False)
+    except SystemExit as exit_info:
+        if exit_info.code in (None, 0):
+            return stdout.getvalue()
+        raise ValueError(parser_error(stderr.getvalue())) from None
+    raise RuntimeError("LightningCLI did not exit after --print_config, so the arguments could not be checked.")
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> OverparamCLI:

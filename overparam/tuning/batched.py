@@ -28,7 +28,6 @@ Differences from one trial at a time:
 """
 
 import contextlib
-import io
 import logging
 import math
 import threading
@@ -44,7 +43,7 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from overparam.cli import build_cli
+from overparam.cli import print_config
 from overparam.sweeps.runner import (
     BATCHED_KEYS,
     GROUPED_KEYS,
@@ -64,11 +63,9 @@ from overparam.tuning.study import (
     count_errors_in_a_row,
     wait_for_places,
 )
-from overparam.tuning.trial import MAX_REASON_CHARS, TrialObjective, _requeue, run_name
+from overparam.tuning.trial import INTERRUPTED_REASON, MAX_REASON_CHARS, TrialObjective, _requeue, run_name
 
 log = logging.getLogger(__name__)
-
-INTERRUPTED_REASON = "interrupted (KeyboardInterrupt); re-queued"
 
 
 @dataclass
@@ -99,7 +96,7 @@ def check_batched_args(objective: TrialObjective) -> None:
     NOTE: other values of a searched parameter (``model.bias: [false, true]``) are not checked; a
     batch with a value the engine rejects fails all its trials.
     """
-    member = {path: param.choices[0] if param.choices else param.low for path, param in objective.spec.params.items()}
+    member = objective.first_values()
     member.pop("trainer.max_steps", None)
     member[SEED_KEY] = objective.spec.training_seed
     try:
@@ -387,22 +384,13 @@ def write_run(objective: TrialObjective, item: _BatchTrial, outcome: MemberOutco
     logger.finalize("success")
 
     run_dir = Path(logger.log_dir)
-    config = _print_config(objective.run_args(item.fit_args, run_name(number)))
+    args = objective.run_args(item.fit_args, run_name(number))
+    try:
+        config = print_config(args)
+    except ValueError as error:
+        raise ValueError(f"LightningCLI rejected the trial's arguments: {error}") from None
     (run_dir / "config.yaml").write_text(config)
     return run_dir
-
-
-def _print_config(args: list[str]) -> str:
-    """Return the config that ``overparam fit`` with ``args`` runs, as LightningCLI's ``--print_config`` prints it."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            build_cli([*args, "--print_config"], run=False)
-    except SystemExit as exit_info:
-        if exit_info.code in (None, 0):
-            return stdout.getvalue()
-        raise ValueError(f"LightningCLI rejected the trial's arguments: {stderr.getvalue().strip()[-500:]}") from None
-    raise RuntimeError("LightningCLI did not exit after --print_config, so the trial's config.yaml was not written.")
 
 
 def _set_fail_reason(trial: optuna.Trial, error: BaseException) -> None:

@@ -14,9 +14,7 @@ at least K, each worker gets its own share of the GPUs through ``CUDA_VISIBLE_DE
 """
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import logging
 import os
 import subprocess
@@ -32,7 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import overparam
-from overparam.cli import build_cli
+from overparam.cli import build_cli, print_config
 from overparam.tuning.batched import check_batchable, check_batched_args, run_batched_worker
 from overparam.tuning.report import best_trial, retrain, summary, write_trials_csv
 from overparam.tuning.search_space import SearchFileError, SearchSpec, load_search_file, make_pruner, make_sampler
@@ -215,35 +213,19 @@ def default_study_name(config: str, search: str) -> str:
     return f"{config_path.parent.name}_{config_path.stem}_{Path(search).stem}".lstrip("_")
 
 
-def first_trial_values(objective: TrialObjective) -> dict:
-    """Return the first grid value, choice or lower bound of each searched parameter."""
-    return {path: param.choices[0] if param.choices else param.low for path, param in objective.spec.params.items()}
-
-
 def check_trial_args(objective: TrialObjective) -> None:
     """Parse one trial's arguments without training, so a wrong config path fails before the study starts.
 
     LightningCLI's ``--print_config`` parses and checks every argument, prints the config and exits.
     """
-    args = objective.run_args(objective.fit_args(first_trial_values(objective), 0), "check") + ["--print_config"]
-    stdout, stderr = io.StringIO(), io.StringIO()
+    args = objective.run_args(objective.fit_args(objective.first_values(), 0), "check")
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            build_cli(args, run=False)
-    except SystemExit as exit_info:
-        if exit_info.code in (None, 0):
-            return
+        print_config(args)
+    except ValueError as error:
         raise ValueError(
-            f"The trial arguments are invalid: {parser_error(stderr.getvalue())}. Check the overrides after '--', "
+            f"The trial arguments are invalid: {error}. Check the overrides after '--', "
             f"then the parameter paths in {objective.spec.path}, against {objective.config}."
         ) from None
-    raise ValueError("LightningCLI did not exit after --print_config; the trial arguments could not be checked.")
-
-
-def parser_error(stderr: str) -> str:
-    """Return the parser's message from its first ``error:`` to the end, on one line and cut to 500 characters."""
-    text = stderr.split("error:", 1)[1] if "error:" in stderr else stderr
-    return " ".join(text.split())[:MAX_ERROR_CHARS].rstrip(".")
 
 
 def check_trial_setup(objective: TrialObjective) -> None:
@@ -252,7 +234,7 @@ def check_trial_setup(objective: TrialObjective) -> None:
     A wrong data folder or trainer setting then fails once, before any trial is created. The
     TensorBoard logger of this check writes to a temporary folder, which is deleted.
     """
-    values = first_trial_values(objective)
+    values = objective.first_values()
     with tempfile.TemporaryDirectory(prefix="overparam-tune-check-") as scratch:
         check_objective = dataclasses.replace(objective, output_dir=Path(scratch))
         args = check_objective.run_args(check_objective.fit_args(values, 0), "check")

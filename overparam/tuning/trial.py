@@ -50,6 +50,9 @@ from overparam.tuning.study import SurplusTrial, check_budget_slot
 
 log = logging.getLogger(__name__)
 
+# Fail reason of a trial stopped by Ctrl-C and queued again.
+INTERRUPTED_REASON = "interrupted (KeyboardInterrupt); re-queued"
+
 # Defaults for every trial, placed before the user's overrides so those can change them.
 QUIET_TRAINER_ARGS = [
     "--trainer.enable_progress_bar", "false",
@@ -106,6 +109,10 @@ class TrialObjective:
             args += ["--divergence.max_loss", format_value(self.spec.max_loss)]
         return args + self.overrides
 
+    def first_values(self) -> dict[str, Any]:
+        """Return the first grid value, choice or lower bound of each searched parameter."""
+        return {path: param.choices[0] if param.choices else param.low for path, param in self.spec.params.items()}
+
     def fit_args(self, values: dict[str, Any], seed: int) -> list[str]:
         """Return the LightningCLI arguments that reproduce a trial with ``values`` and ``seed``."""
         args = self.shared_args()
@@ -158,7 +165,7 @@ class TrialObjective:
             raise
         except KeyboardInterrupt:
             _requeue(trial)
-            trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt); re-queued")
+            trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
             raise
         except Exception as error:
             trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:MAX_REASON_CHARS])
